@@ -1,0 +1,122 @@
+"""Decoder-only transformer (dense or MoE FFN per layer) over a static KV cache.
+
+``Transformer.__call__(tokens_BT, positions_BT, cache, tree_mask=...)`` writes the T new
+tokens' K/V at ``cache.lengths`` and returns float32 logits ``[B, T, V]``, the cache with
+the new entries written but ``lengths`` unchanged (the caller commits what it accepts),
+and optionally the routed expert ids ``[B, T, L_moe, K]`` int16 (vLLM's
+``routed_experts`` convention; only MoE layers appear).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moesd_jax.config import ModelConfig
+from moesd_jax.kv_cache import KVCache
+from moesd_jax.models.attention import Attention
+from moesd_jax.models.layers import MLP, Embed, RMSNorm, param
+from moesd_jax.models.moe import MoEBlock
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.layer = layer
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype)
+        if self.is_moe:
+            self.moe = MoEBlock(cfg, rngs)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.param_dtype, rngs)
+
+    def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
+                 token_valid_BT, dispatch):
+        b, t, d = x_BTD.shape
+        with jax.named_scope("attention"):
+            a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
+                                            v_cache, self.layer, start_B, tree_mask)
+        x_BTD = x_BTD + a
+        h = self.ffn_norm(x_BTD)
+        ids = None
+        if self.is_moe:
+            valid = None if token_valid_BT is None else token_valid_BT.reshape(b * t)
+            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch)
+            y = y.reshape(b, t, d)
+            ids = ids.reshape(b, t, -1)
+        else:
+            with jax.named_scope("mlp"):
+                y = self.mlp(h)
+        return x_BTD + y, k_cache, v_cache, ids
+
+
+class Transformer(nnx.Module):
+    """The model. Build with ``Transformer(cfg, nnx.Rngs(seed))``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.param_dtype, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head_DV = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                    cfg.param_dtype)
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        cfg = self.cfg
+        return KVCache.init(cfg.num_layers, batch, max_len or cfg.max_seq_len,
+                            cfg.num_kv_heads, cfg.dh, jnp.dtype(cfg.compute_dtype))
+
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
+                 tree_mask: jax.Array | None = None, token_valid_BT: jax.Array | None = None,
+                 return_routing: bool = False, dispatch: str | None = None):
+        """Forward T new tokens per row.
+
+        Args:
+          tokens_BT: int32 token ids.
+          positions_BT: int32 RoPE positions (tree nodes: length + depth).
+          cache: KV cache; new entries are written at ``cache.lengths + [0, T)``.
+          tree_mask: bool [T, T] or [B, T, T] ancestor mask among the new tokens (None =
+            causal).
+          token_valid_BT: bool; False tokens (padding, masked drafts) dispatch to no
+            expert. Their outputs are meaningless.
+          return_routing: also return routed expert ids.
+          dispatch: override ``MoEConfig.dispatch`` for this call.
+
+        Returns:
+          (logits_BTV float32, cache with K/V written and lengths unchanged,
+           routing int16 [B, T, L_moe, K] or None)
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.compute_dtype)
+        x = self.embed(tokens_BT, dt)
+        k_cache, v_cache, start = cache.k, cache.v, cache.lengths
+        routing = []
+        for layer in self.layers:
+            x, k_cache, v_cache, ids = layer(x, positions_BT, k_cache, v_cache, start,
+                                             tree_mask, token_valid_BT, dispatch)
+            if ids is not None:
+                routing.append(ids)
+        x = self.final_norm(x)
+        with jax.named_scope("lm_head"):
+            if cfg.tie_embeddings:
+                logits = self.embed.attend(x)
+            else:
+                logits = x @ self.lm_head_DV[...].astype(dt)
+        new_cache = cache.replace(k=k_cache, v=v_cache)
+        rt = None
+        if return_routing and routing:
+            rt = jnp.stack(routing, axis=2).astype(jnp.int16)
+        return logits.astype(jnp.float32), new_cache, rt
+
+
+def apply(graphdef, state, *args, **kwargs):
+    """Pure-function forward over ``nnx.split(model)`` (for ``jax.jit`` hot paths)."""
+    return nnx.merge(graphdef, state)(*args, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
