@@ -1,0 +1,1 @@
+"""Speculative decoding: sampling, drafters, the jitted draft-and-verify loop, trees."""

@@ -1,0 +1,152 @@
+"""User-facing batched generation over the compiled loop.
+
+``SpecDecoder(target, draft, spec)`` splits the models once (``nnx.split``), builds one
+jitted program per (batch, padded prompt length) shape and runs prefill plus the whole
+``lax.while_loop`` as a single device call. Prompts are right-padded to a multiple of
+``prompt_bucket`` so new prompts of similar length reuse the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moesd_jax.config import SpecConfig
+from moesd_jax.models.transformer import Transformer
+from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """New tokens of one prompt and its speculation statistics."""
+
+    token_ids: list[int]
+    stats: dict
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return self.stats["mean_acceptance_length"]
+
+
+def row_stats(state: DecodeState, row: int, k: int) -> dict:
+    """Per-row statistics in vLLM's terms (mean acceptance length = 1 + accepted/drafts)."""
+    st = jax.tree.map(np.asarray, state.stats)
+    it = int(st.iterations_B[row])
+    acc = int(st.accepted_B[row])
+    return {
+        "iterations": it,
+        "drafted": int(st.drafted_B[row]),
+        "accepted": acc,
+        "accepted_per_position": [int(x) for x in st.accepted_pos_BK[row][:k]],
+        "mean_acceptance_length": (1.0 + acc / it) if it else 1.0,
+    }
+
+
+class SpecDecoder:
+    """Batched autoregressive / speculative generation with one compiled program per shape.
+
+    Args:
+      target: the target model.
+      draft: the draft model (for ``spec.method == "draft"``), sharing the tokenizer.
+      spec: speculation config (method, k, ngram_n).
+      max_len: token buffer / KV cache capacity per row (prompt + new tokens + K + 1).
+      prompt_bucket: prompts are right-padded to a multiple of this.
+      eos_token_ids: default stop tokens (the target's ``eos_token_ids`` if None).
+    """
+
+    def __init__(self, target: Transformer, draft: Transformer | None = None,
+                 spec: SpecConfig | None = None, *, max_len: int | None = None,
+                 prompt_bucket: int = 16, eos_token_ids: Sequence[int] | None = None,
+                 max_stop: int = 8):
+        spec = spec or SpecConfig(method="none")
+        if spec.method == "draft" and draft is None:
+            raise ValueError("spec.method='draft' needs a draft model")
+        if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
+            raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} != target vocab_size="
+                             f"{target.cfg.vocab_size}: they must share a tokenizer")
+        self.spec = spec
+        self.target = nnx.split(target)
+        self.draft = nnx.split(draft) if (draft is not None and spec.method == "draft") else None
+        tc = target.cfg
+        self.cfg = LoopConfig(method=spec.method, k=spec.k, max_len=max_len or tc.max_seq_len,
+                              vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
+                              num_experts=tc.moe.num_experts if tc.moe else 0)
+        self.prompt_bucket = prompt_bucket
+        self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.trace_count = 0
+        self._fn = jax.jit(functools.partial(self._run, self.cfg))
+
+    def _run(self, cfg, target, draft, *args):
+        self.trace_count += 1  # Python side effect: runs only when jax traces
+        return generate_loop(cfg, target, draft, *args)
+
+    def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                temperature=0.0, top_k=0, top_p=1.0, seed: int | Sequence[int] = 0,
+                stop_token_ids: Sequence[int] | None = None) -> tuple:
+        """Validates inputs and builds the padded device arrays for ``prefill``."""
+        b = len(prompts)
+        if b == 0:
+            raise ValueError("prompts is empty")
+        lens = [len(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, "
+                                 f"{self.cfg.vocab})")
+        per_row = lambda x, name: [x] * b if np.isscalar(x) else list(x)
+        max_new = per_row(max_new_tokens, "max_new_tokens")
+        for i, m in enumerate(max_new):
+            if int(m) < 1:
+                raise ValueError(f"max_new_tokens={m} (prompt {i}) must be >= 1")
+        bucket = self.prompt_bucket
+        p_len = -(-max(lens) // bucket) * bucket
+        need = max(lens[i] + int(max_new[i]) for i in range(b)) + self.cfg.k_eff + 1
+        if need > self.cfg.max_len or p_len > self.cfg.max_len:
+            raise ValueError(f"prompt length + max_new_tokens + k + 1 = {need} exceeds the "
+                             f"cache capacity max_len={self.cfg.max_len}")
+        temps = per_row(temperature, "temperature")
+        if any(float(t) < 0 for t in temps):
+            raise ValueError(f"temperature={temps} must be >= 0")
+        tps = per_row(top_p, "top_p")
+        if any(not 0.0 < float(x) <= 1.0 for x in tps):
+            raise ValueError(f"top_p={tps} must be in (0, 1]")
+        tks = per_row(top_k, "top_k")
+        if any(int(x) < 0 for x in tks):
+            raise ValueError(f"top_k={tks} must be >= 0")
+        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if len(stops) > self.cfg.max_stop:
+            raise ValueError(f"{len(stops)} stop tokens exceed max_stop={self.cfg.max_stop}")
+        stop_row = stops + [-1] * (self.cfg.max_stop - len(stops))
+        arr = np.zeros((b, p_len), np.int32)
+        for i, p in enumerate(prompts):
+            arr[i, : len(p)] = p
+        seeds = per_row(seed, "seed")
+        return (jnp.asarray(arr), jnp.asarray(lens, jnp.int32),
+                jnp.asarray(max_new, jnp.int32), jnp.asarray(temps, jnp.float32),
+                jnp.asarray(tks, jnp.int32), jnp.asarray(tps, jnp.float32),
+                jnp.asarray(seeds, jnp.int32),
+                jnp.asarray(np.tile(np.asarray(stop_row, np.int32), (b, 1))))
+
+    def generate_state(self, *prepared) -> DecodeState:
+        return self._fn(self.target, self.draft, *prepared)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 **kwargs) -> list[GenerationResult]:
+        """Generates for a batch of token-id prompts; returns results in order."""
+        prepared = self.prepare(prompts, max_new_tokens, **kwargs)
+        state = jax.block_until_ready(self.generate_state(*prepared))
+        tokens = np.asarray(state.tokens_BN)
+        seq_len = np.asarray(state.seq_len_B)
+        out = []
+        for i, p in enumerate(prompts):
+            out.append(GenerationResult(tokens[i, len(p): seq_len[i]].tolist(),
+                                        row_stats(state, i, self.cfg.k_eff)))
+        return out

@@ -1,0 +1,100 @@
+"""Sampling and lossless rejection sampling.
+
+All functions work on whole batches with per-row parameters, so one compiled program
+serves rows with different settings. A row with ``temperature == 0`` is greedy: its
+distribution is the one-hot of the argmax, which makes greedy decoding a special case of
+rejection sampling (accept iff the draft equals the argmax; on rejection the residual is
+the argmax itself).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_probs(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                 top_p_B: jax.Array) -> jax.Array:
+    """Target distribution after temperature, top-k and top-p (float32 [B, V]).
+
+    Args:
+      logits_BV: float32 logits.
+      temperature_B: float32; 0 = greedy (one-hot argmax).
+      top_k_B: int32; 0 = no top-k filter.
+      top_p_B: float32 in (0, 1]; 1 = no nucleus filter.
+    """
+    v = logits_BV.shape[-1]
+    greedy_B = temperature_B <= 0.0
+    t = jnp.where(greedy_B, 1.0, temperature_B)[:, None]
+    x = logits_BV.astype(jnp.float32) / t
+    sorted_desc = -jnp.sort(-x, axis=-1)
+    # top-k: keep logits >= the k-th largest (ties kept).
+    k_idx = jnp.clip(jnp.where(top_k_B > 0, top_k_B, v) - 1, 0, v - 1)
+    kth = jnp.take_along_axis(sorted_desc, k_idx[:, None], axis=-1)
+    x = jnp.where(x >= kth, x, -jnp.inf)
+    # top-p over the (top-k filtered) sorted distribution: keep the smallest prefix whose
+    # mass reaches p; a token is kept if the mass strictly before it is < p.
+    sorted_desc = jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf)
+    ps = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(ps, axis=-1) - ps
+    keep_sorted = before < top_p_B[:, None]
+    n_keep = jnp.maximum(jnp.sum(keep_sorted, axis=-1), 1)
+    thresh = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    x = jnp.where(x >= thresh, x, -jnp.inf)
+    probs = jax.nn.softmax(x, axis=-1)
+    onehot = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), v, dtype=jnp.float32)
+    return jnp.where(greedy_B[:, None], onehot, probs)
+
+
+def sample(key_B: jax.Array, probs_BV: jax.Array) -> jax.Array:
+    """One token per row from ``probs_BV`` with per-row keys ``key_B`` (int32 [B])."""
+    logp = jnp.log(jnp.maximum(probs_BV, 0.0))
+    return jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(key_B, logp).astype(jnp.int32)
+
+
+def rejection_sample_chain(key_B: jax.Array, drafts_BK: jax.Array, q_BKV: jax.Array,
+                           p_BTV: jax.Array):
+    """Lossless speculative sampling for a chain of K drafts (Leviathan et al., 2023).
+
+    Draft ``d_j`` (drawn from q_j) is accepted with probability min(1, p_j(d_j)/q_j(d_j));
+    at the first rejection the next token is drawn from norm(max(0, p_j - q_j)); if all K
+    are accepted the bonus token is drawn from p_K. The committed tokens are then
+    distributed exactly as the target's.
+
+    Args:
+      key_B: per-row PRNG keys.
+      drafts_BK: int32 draft tokens.
+      q_BKV: draft distributions the drafts were drawn from (one-hot for deterministic
+        drafters such as prompt lookup or greedy drafting).
+      p_BTV: target distributions at the T = K + 1 verified positions.
+
+    Returns:
+      (num_accepted_B int32 in [0, K], next_token_B int32): the row commits
+      ``drafts[:num_accepted]`` followed by ``next_token``.
+    """
+    b, k = drafts_BK.shape
+    v = p_BTV.shape[-1]
+    ku, kr = jax.vmap(lambda x: tuple(jax.random.split(x)))(key_B)
+    u_BK = jax.vmap(lambda x: jax.random.uniform(x, (k,)))(ku)
+    p_d = jnp.take_along_axis(p_BTV[:, :k], drafts_BK[:, :, None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q_BKV, drafts_BK[:, :, None], axis=-1)[..., 0]
+    ok_BK = u_BK * q_d < p_d
+    n_acc = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
+    q_pad = jnp.concatenate([q_BKV, jnp.zeros((b, 1, v), q_BKV.dtype)], axis=1)
+    p_a = jnp.take_along_axis(p_BTV, n_acc[:, None, None], axis=1)[:, 0]
+    q_a = jnp.take_along_axis(q_pad, n_acc[:, None, None], axis=1)[:, 0]
+    resid = residual(p_a, q_a)
+    return n_acc.astype(jnp.int32), sample(kr, resid)
+
+
+def residual(p_BV: jax.Array, q_BV: jax.Array) -> jax.Array:
+    """norm(max(0, p - q)), falling back to p where p == q (the residual has no mass)."""
+    r = jnp.maximum(p_BV - q_BV, 0.0)
+    z = jnp.sum(r, axis=-1, keepdims=True)
+    return jnp.where(z > 1e-12, r / jnp.maximum(z, 1e-30), p_BV)
+
+
+def split_rows(key_B: jax.Array):
+    """Splits each row's key into (carry, use)."""
+    ks = jax.vmap(lambda k: jax.random.split(k))(key_B)
+    return ks[:, 0], ks[:, 1]
