@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,14 @@ def stdlib_path(stdlib_dir: str | Path | None = None) -> Path:
 
 
 def _is_excluded(rel: Path) -> bool:
-    """Whether a stdlib-relative path is outside the corpus (size is checked separately)."""
+    """Whether a stdlib-relative path is outside the corpus (size is checked separately).
+
+    Args:
+        rel: Path relative to the stdlib directory.
+
+    Returns:
+        True if an excluded directory or generated file.
+    """
     for part in rel.parts[:-1]:
         if part in EXCLUDED_DIR_NAMES or part.startswith("config-"):
             return True
@@ -115,14 +123,24 @@ def list_corpus_files(stdlib_dir: str | Path | None = None) -> list[Path]:
         Absolute paths of the corpus files, sorted by their path relative to ``stdlib_dir``.
     """
     root = stdlib_path(stdlib_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"stdlib directory not found: {root}")
     found: list[tuple[str, Path]] = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if _is_excluded(rel) or not path.is_file():
-            continue
-        if path.stat().st_size > MAX_FILE_BYTES:
-            continue
-        found.append((rel.as_posix(), path))
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune excluded directories (site-packages can be huge) instead of filtering later.
+        dirnames[:] = [
+            d for d in dirnames if d not in EXCLUDED_DIR_NAMES and not d.startswith("config-")
+        ]
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            if _is_excluded(rel) or not path.is_file():
+                continue
+            if path.stat().st_size > MAX_FILE_BYTES:
+                continue
+            found.append((rel.as_posix(), path))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
 
@@ -195,7 +213,14 @@ def read_corpus(
 
 
 def _wrap_tokenizer(tok: object) -> PreTrainedTokenizerFast:
-    """Wrap a ``tokenizers.Tokenizer`` into a transformers fast tokenizer with our specials."""
+    """Wrap a ``tokenizers.Tokenizer`` into a transformers fast tokenizer with our specials.
+
+    Args:
+        tok: A ``tokenizers.Tokenizer`` containing ``<|endoftext|>``.
+
+    Returns:
+        The wrapper, with ``<|endoftext|>`` as BOS/EOS/pad and no decode clean-up.
+    """
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -261,6 +286,9 @@ def _portable_config(out: Path) -> None:
 
     transformers 5 writes ``"TokenizersBackend"``, which transformers 4 cannot resolve;
     ``"PreTrainedTokenizerFast"`` loads with both.
+
+    Args:
+        out: Directory written by ``save_pretrained``.
     """
     cfg_path = out / "tokenizer_config.json"
     if not cfg_path.exists():
@@ -362,9 +390,7 @@ def batch_iterator(
         produced += 1
 
 
-def eval_windows(
-    tokens: np.ndarray, seq_len: int, max_windows: int | None = None
-) -> np.ndarray:
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
     """Deterministic, non-overlapping evaluation windows (e.g. for held-out loss).
 
     Window ``i`` is ``tokens[i*seq_len : i*seq_len + seq_len + 1]``: consecutive windows
@@ -403,6 +429,7 @@ def heldout_prompts(
     seed: int = 0,
     stdlib_dir: str | Path | None = None,
     min_continuation_tokens: int | None = None,
+    exclude_train_duplicates: bool = True,
 ) -> list[str]:
     """Deterministic code prompts from held-out files, for measuring speculative acceptance.
 
@@ -412,8 +439,11 @@ def heldout_prompts(
     that line up to the end of its first ``prompt_tokens`` tokens. A candidate is kept only
     if (a) re-encoding the prompt gives exactly those ``prompt_tokens`` ids, so the prompt's
     tokenization is a prefix of the source's and generation continues naturally, and (b) at
-    least ``min_continuation_tokens`` tokens of the file follow the prompt. At most one
-    prompt is taken per ``def`` line; prompts are returned in visiting order.
+    least ``min_continuation_tokens`` tokens of the file follow the prompt, (c) it is not a
+    duplicate of an earlier prompt and (d) with ``exclude_train_duplicates``, the prompt
+    (leading indentation stripped) does not occur verbatim at a ``def`` in a train file:
+    the stdlib repeats boilerplate (e.g. the ``encodings`` codecs), and such prompts would
+    measure memorisation rather than generalisation. Prompts are returned in visiting order.
 
     Args:
         tokenizer: Tokenizer from :func:`train_tokenizer` / :func:`load_tokenizer`.
@@ -423,6 +453,7 @@ def heldout_prompts(
         stdlib_dir: Standard-library directory; defaults to the running interpreter's.
         min_continuation_tokens: Tokens that must follow the prompt in the source file;
             defaults to ``prompt_tokens``.
+        exclude_train_duplicates: Drop prompts that also appear in the train split.
 
     Returns:
         ``n`` prompt strings, each encoding to exactly ``prompt_tokens`` tokens.
@@ -438,7 +469,9 @@ def heldout_prompts(
     # Characters needed for `need` tokens are unbounded in principle; start with a generous
     # window and grow it if a candidate's window turns out too short.
     order = np.random.default_rng(seed).permutation(len(candidates))
+    train_index = _def_index(read_corpus("train", stdlib_dir)) if exclude_train_duplicates else None
     prompts: list[str] = []
+    seen: set[str] = set()
     for ci in order:
         if len(prompts) == n:
             break
@@ -457,6 +490,9 @@ def heldout_prompts(
         prompt = window[:end_char]
         if backend.encode(prompt, add_special_tokens=False).ids != enc.ids[:prompt_tokens]:
             continue
+        if prompt in seen or (train_index is not None and _in_def_index(train_index, prompt)):
+            continue
+        seen.add(prompt)
         prompts.append(prompt)
     if len(prompts) < n:
         raise ValueError(
@@ -464,3 +500,44 @@ def heldout_prompts(
             f" {n} requested"
         )
     return prompts
+
+
+_DEF_KEY_CHARS = 48
+
+
+def _def_index(texts: Sequence[str]) -> tuple[Sequence[str], dict[str, list[tuple[int, int]]]]:
+    """Index the ``def`` keywords of ``texts`` by the text that follows them.
+
+    Args:
+        texts: Documents.
+
+    Returns:
+        ``(texts, index)`` where ``index`` maps the first characters after a def line's
+        indentation to ``(document, char position)`` pairs.
+    """
+    index: dict[str, list[tuple[int, int]]] = {}
+    for doc, text in enumerate(texts):
+        for m in _DEF_LINE.finditer(text):
+            line = text[m.start() : m.end()]
+            pos = m.start() + len(line) - len(line.lstrip(" \t"))
+            index.setdefault(text[pos : pos + _DEF_KEY_CHARS], []).append((doc, pos))
+    return texts, index
+
+
+def _in_def_index(
+    indexed: tuple[Sequence[str], dict[str, list[tuple[int, int]]]], snippet: str
+) -> bool:
+    """Whether ``snippet`` (indentation stripped) occurs at an indexed ``def``.
+
+    Args:
+        indexed: Result of :func:`_def_index`.
+        snippet: Text starting with an optionally indented ``def`` line.
+
+    Returns:
+        True if some indexed document contains it verbatim at a ``def`` keyword.
+    """
+    texts, index = indexed
+    body = snippet.lstrip(" \t")
+    return any(
+        texts[doc].startswith(body, pos) for doc, pos in index.get(body[:_DEF_KEY_CHARS], [])
+    )

@@ -45,7 +45,8 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = xf * jax.lax.rsqrt(var + self.eps)
-        return (self.weight[...].astype(jnp.float32) * y).astype(x.dtype)
+        w = self.weight[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (w * y).astype(x.dtype)
 
 
 def rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
