@@ -1,0 +1,83 @@
+"""Benchmarks behind ``scripts/bench.py`` (kept importable; the script is a thin CLI).
+
+Method (DESIGN.md): count bytes first, measure this machine's memory bandwidth in the same
+run, time compiled functions after warm-up with ``block_until_ready``, report medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moesd_jax.models import moe
+
+
+def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in seconds of ``fn()`` (blocked until ready)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def memcpy_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """numpy copy bandwidth in bytes/s counting read + write (2 x nbytes per copy)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts)
+
+
+def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int = 16,
+              top_k: int = 4, actives: list[int] | None = None, backend: str = "gather",
+              repeats: int = 20, seed: int = 0) -> list[dict]:
+    """Step time of one MoE layer's routed experts vs the number of active experts.
+
+    Tokens are routed (top-k) among only ``n`` experts for each n in ``actives`` at a fixed
+    token count, so the weights a step must read grow with n: the ``gather`` backend's
+    time should grow with n, the ``dense`` backend's should not.
+
+    Returns:
+      one dict per n: active, ms, weight_bytes, gb_per_s (weight bytes / time).
+    """
+    e = num_experts
+    if actives is None:
+        actives = sorted({1, 2, 4, 8, 16, 32, e} & set(range(1, e + 1)))
+    key = jax.random.split(jax.random.PRNGKey(seed), 4)
+    w_gate = jax.random.normal(key[0], (e, d, f), jnp.float32) * 0.02
+    w_up = jax.random.normal(key[1], (e, d, f), jnp.float32) * 0.02
+    w_down = jax.random.normal(key[2], (e, f, d), jnp.float32) * 0.02
+    x = jax.random.normal(key[3], (tokens, d), jnp.float32)
+    fn = jax.jit(moe.DISPATCH[backend])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in actives:
+        k = min(top_k, n)
+        pool = rng.choice(e, n, replace=False)
+        # every one of the n experts gets at least one token when tokens * k >= n
+        flat = np.resize(rng.permutation(pool), tokens * k)
+        ids = flat.reshape(tokens, k)
+        for t in range(tokens):  # distinct experts per token
+            if len(set(ids[t])) < k:
+                ids[t] = rng.choice(pool, k, replace=False)
+        n_used = len(np.unique(ids))
+        ids_j = jnp.asarray(ids, jnp.int32)
+        comb = jnp.full((tokens, k), 1.0 / k, jnp.float32)
+        sec = median_time(lambda: fn(x, w_gate, w_up, w_down, ids_j, comb), repeats)
+        wbytes = n_used * 3 * d * f * 4
+        rows.append({"active": n_used, "ms": sec * 1e3, "weight_bytes": wbytes,
+                     "gb_per_s": wbytes / sec / 1e9})
+    return rows
