@@ -1,0 +1,924 @@
+"""Slot-based continuous batching around the speculative decoding loop.
+
+The engine owns one static-shape :class:`~moesd_jax.spec.loop.DecodeState` of ``slots``
+rows. A background thread repeats:
+
+1. cancel: rows whose request was cancelled (client gone, stop string seen) are marked
+   done on the device (jitted ``retire``) and their slot is freed;
+2. admit: while a slot is free and a request waits, the request's prompt is padded to a
+   prompt bucket and prefilled at batch 1, and the resulting row is written into the
+   slot (jitted ``admit`` = ``prefill`` + ``insert``: a dynamic-update-slice of every
+   batch-axis leaf of the state, the caches' k/v on axis 1);
+3. step: ONE compiled ``loop.step`` (draft -> verify -> accept -> commit) for all slots;
+   done/free rows are frozen and dispatch to no expert;
+4. read back the small per-row arrays (lengths, done flags, tokens, counters) and push
+   the new tokens of every request to its stream.
+
+Every row's computation is independent of the other rows (per-row lengths, masks, keys
+and sampling parameters), so a request's output does not depend on what else is in the
+batch: greedy output equals :meth:`SpecDecoder.generate` for the same prompt.
+
+Compiled programs: one ``admit`` per prompt bucket, one ``step``, one ``retire``; all are
+built by :meth:`Engine.start` before the first request (and cached on disk by JAX's
+persistent compilation cache when :func:`enable_compilation_cache` was called).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moesd_jax.config import SpecConfig
+from moesd_jax.kv_cache import KVCache
+from moesd_jax.spec import loop
+from moesd_jax.spec.decoder import SpecDecoder
+from moesd_jax.spec.loop import DecodeState, Stats
+
+log = logging.getLogger("moesd_jax.serving")
+
+DEFAULT_CACHE_DIR = (Path(os.environ.get("MOESD_JAX_CACHE", "~/.cache/moesd_jax")).expanduser()
+                     / "xla")
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache (default ``~/.cache/moesd_jax/xla``).
+
+    Every program is cached, however quick to compile, so a restarted server reuses the
+    previous run's executables and the first request does not wait for XLA.
+    """
+    p = Path(path).expanduser() if path is not None else DEFAULT_CACHE_DIR
+    p.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(p))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _reset_jax_cache()
+    return p
+
+
+def disable_compilation_cache() -> None:
+    """Turns the persistent compilation cache off again (used by tests)."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    _reset_jax_cache()
+
+
+def _reset_jax_cache() -> None:
+    # JAX decides once per process whether the cache is used (at the first compile); make
+    # it look again so that enabling the cache after earlier compiles takes effect.
+    try:
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+
+
+class EngineError(Exception):
+    """Base class of the engine's request errors."""
+
+
+class RequestError(EngineError, ValueError):
+    """The request is invalid (the message names the field or the limit)."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+class EngineClosedError(EngineError):
+    """The engine is shutting down (or stopped) and admits no new requests."""
+
+
+# ---------------------------------------------------------------------------------------
+# requests and their streams
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters (one row of the batch).
+
+    Attributes:
+      max_tokens: new-token limit (>= 1).
+      temperature: 0 = greedy.
+      top_k: 0 = off. top_p: 1 = off.
+      seed: per-request seed; the row's random stream does not depend on the batch.
+      stop_token_ids: tokens that end the request (kept in the output); None = the
+        engine's EOS ids.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """What a request's stream yields.
+
+    ``token_ids`` are the tokens new since the previous event. The last event has
+    ``finished=True``, the ``finish_reason`` (``stop``: a stop token or a caller-side
+    stop; ``length``: max_tokens; ``abort``: cancelled; ``error``), all generated tokens
+    in ``all_token_ids`` and the request's speculation ``stats``.
+    """
+
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    all_token_ids: list[int] | None = None
+    stats: dict | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of a request: an (async or sync) iterator of StreamEvents.
+
+    Created by :meth:`Engine.submit`. When submitted from a running asyncio loop the
+    events are delivered into that loop (``async for ev in handle``); otherwise into a
+    thread-safe queue (``for ev in handle``). :meth:`cancel` frees the slot.
+    """
+
+    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int],
+                 params: SamplingParams, loop_: asyncio.AbstractEventLoop | None):
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self._loop = loop_
+        self._aq: asyncio.Queue | None = asyncio.Queue() if loop_ is not None else None
+        self._q: queue.Queue | None = None if loop_ is not None else queue.Queue()
+        self.finished = False
+        self.cancel_reason: str | None = None
+        # engine-side bookkeeping
+        self.slot: int | None = None
+        self.submitted_at = time.monotonic()
+        self.tokens: list[int] = []
+        self.prev_stats = None
+        self._args: tuple | None = None  # prefill arguments until admitted
+
+    # engine thread -> caller
+    def _push(self, ev: StreamEvent) -> None:
+        if self._loop is None:
+            self._q.put(ev)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def cancel(self, reason: str = "abort") -> None:
+        """Stops the request (idempotent); its final event carries ``reason``."""
+        self.engine.cancel(self, reason)
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        if self._aq is None:
+            raise TypeError("this request was submitted outside an asyncio loop: use `for`")
+        while True:
+            ev = await self._aq.get()
+            yield ev
+            if ev.finished:
+                return
+
+    def __iter__(self):
+        if self._q is None:
+            raise TypeError("this request was submitted inside an asyncio loop: use `async for`")
+        while True:
+            ev = self._q.get()
+            yield ev
+            if ev.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> StreamEvent:
+        """Blocks until the request finishes (sync handles); returns the final event."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            ev = self._q.get(timeout=left)
+            if ev.finished:
+                return ev
+
+
+# ---------------------------------------------------------------------------------------
+# the speculation policy hook
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What the next step runs with: per-slot K (``k_B``) and a verify expert budget.
+
+    ``k_B[i] <= LoopConfig.k`` is the number of draft tokens slot i may use; ``budget`` is
+    the per-layer expert budget of the verification forward (None = unbudgeted).
+    """
+
+    k_B: np.ndarray
+    budget: int | None = None
+
+
+class EnginePolicy:
+    """Decides, before every step, each slot's K and the verify-time expert budget.
+
+    This is the place for a per-request K controller (Cascade: speculation utility per
+    request, K=0 for rows where drafting does not pay) and for an expert-budget policy
+    (MoE-Spec / the lossless budget of DESIGN.md, e.g. a tighter budget at large batch).
+    The compiled step has a static K_max = ``LoopConfig.k``; a per-slot K becomes a mask
+    over the K_max draft positions in the DecodeState (masked drafts must dispatch to no
+    expert), and the budget a static argument choosing one of a few compiled variants.
+
+    The loop does not take a K mask or a budget yet, so the engine accepts only the plan
+    of this default policy (every active slot at K_max, no budget) and raises otherwise.
+    """
+
+    def plan(self, engine: Engine, requests: Sequence[RequestHandle | None]) -> StepPlan:
+        """``requests[i]`` is the request in slot i (None = free slot)."""
+        k = engine.cfg.k_eff
+        return StepPlan(np.array([k if r is not None else 0 for r in requests], np.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# state surgery (pure functions, jitted by the engine)
+
+
+def _update_rows(big: jax.Array, small: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
+    idx = [jnp.zeros((), jnp.int32)] * big.ndim
+    idx[axis] = slot.astype(jnp.int32)
+    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), idx)
+
+
+def _insert_cache(big: KVCache | None, small: KVCache | None, slot) -> KVCache | None:
+    if big is None:
+        return None
+    return KVCache(_update_rows(big.k, small.k, slot, 1), _update_rows(big.v, small.v, slot, 1),
+                   _update_rows(big.lengths, small.lengths, slot, 0))
+
+
+def _is_row_field(name: str) -> bool:
+    """Stats fields named ``*_B*`` are per row; the others (``unique_experts_L``,
+    ``verify_steps``) are totals over the batch and are kept."""
+    return "_B" in name
+
+
+def insert(state: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState:
+    """Writes the batch-1 state ``row`` into row ``slot`` of ``state``.
+
+    Every per-row leaf has its batch on axis 0, except the caches' k/v ``[L, B, S, G, Dh]``
+    (axis 1). Batch-total statistics of ``state`` are kept.
+    """
+    out = {}
+    for f in dataclasses.fields(state):
+        big, small = getattr(state, f.name), getattr(row, f.name)
+        if isinstance(big, KVCache) or big is None:
+            out[f.name] = _insert_cache(big, small, slot)
+        elif isinstance(big, Stats):
+            out[f.name] = big.replace(**{
+                g.name: _update_rows(getattr(big, g.name), getattr(small, g.name), slot, 0)
+                for g in dataclasses.fields(big) if _is_row_field(g.name)})
+        else:
+            out[f.name] = jax.tree.map(lambda a, b: _update_rows(a, b, slot, 0), big, small)
+    return state.replace(**out)
+
+
+def retire(state: DecodeState, mask_B: jax.Array) -> DecodeState:
+    """Marks the rows in ``mask_B`` done: they stop computing and dispatch to no expert."""
+    return state.replace(done_B=state.done_B | mask_B)
+
+
+def _place(target, draft):
+    """Commits single-device parameters explicitly to their device.
+
+    Whether arrays are committed changes the lowered program (and so the persistent
+    compilation cache key): a model built in memory (uncommitted) and the same model
+    restored from a checkpoint (committed) would otherwise compile twice. Parameters
+    sharded over several devices are left as they are.
+
+    Returns:
+      (target, draft, the single-device sharding, or None when sharded).
+    """
+    devices = {d for x in jax.tree.leaves((target[1], None if draft is None else draft[1]))
+               for d in x.sharding.device_set}
+    if len(devices) != 1:
+        return target, draft, None
+    sharding = jax.sharding.SingleDeviceSharding(devices.pop())
+    put = lambda m: None if m is None else (m[0], jax.device_put(m[1], sharding))
+    return put(target), put(draft), sharding
+
+
+def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Prompt buckets: powers of two from ``smallest`` up to ``max_len`` (inclusive)."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    out.append(max_len)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------
+# counters for /metrics
+
+
+UNIQUE_EXPERT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclasses.dataclass
+class EngineCounters:
+    """Cumulative counters (vLLM's spec-decode metrics); read under ``Engine.lock``."""
+
+    k: int
+    num_drafts: int = 0  # verify steps of a row with K > 0 drafts
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+    generation_tokens: int = 0
+    prompt_tokens: int = 0
+    finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    verify_steps: int = 0
+    engine_steps: int = 0
+    # histogram of mean (over MoE layers) distinct experts per verification forward
+    unique_bucket_counts: list[int] = dataclasses.field(
+        default_factory=lambda: [0] * (len(UNIQUE_EXPERT_BUCKETS) + 1))
+    unique_sum: float = 0.0
+    unique_last: float = 0.0
+
+    def __post_init__(self):
+        if not self.accepted_per_pos:
+            self.accepted_per_pos = [0] * self.k
+
+    def observe_unique(self, x: float) -> None:
+        i = next((j for j, b in enumerate(UNIQUE_EXPERT_BUCKETS) if x <= b),
+                 len(UNIQUE_EXPERT_BUCKETS))
+        self.unique_bucket_counts[i] += 1
+        self.unique_sum += x
+        self.unique_last = x
+
+
+# ---------------------------------------------------------------------------------------
+# the engine
+
+
+class Engine:
+    """Continuous-batching server engine over ``slots`` rows of one compiled step.
+
+    Args:
+      target: the target model; draft: the draft model (``spec.method == "draft"``).
+      spec: speculation config (method, k, tree, ngram_n).
+      slots: static batch B of the compiled step.
+      max_len: per-row token buffer / KV cache capacity (prompt + max_tokens + k + 1 must
+        fit); None = the target's ``max_seq_len``.
+      max_queue: waiting requests beyond the running slots; more are rejected.
+      prefill_buckets: prompt lengths the prefill is compiled for (a prompt is padded to
+        the smallest bucket that holds it); None = :func:`default_buckets`.
+      eos_token_ids: default stop tokens; None = the target's ``eos_token_ids``.
+      policy: the per-step K / expert-budget policy (:class:`EnginePolicy`).
+      max_stop: stop-token slots per row.
+      mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
+        MeshConfig), as for :class:`SpecDecoder`: parameters placed per its rules, slots
+        split over its ``batch`` rule (``slots`` must divide), MoE layers expert-parallel
+        when it shards experts. None = one device.
+    """
+
+    def __init__(self, target, draft=None, spec: SpecConfig | None = None, *, slots: int = 4,
+                 max_len: int | None = None, max_queue: int = 64,
+                 prefill_buckets: Sequence[int] | None = None,
+                 eos_token_ids: Sequence[int] | None = None,
+                 policy: EnginePolicy | None = None, max_stop: int = 8, mesh=None):
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be >= 1")
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        # SpecDecoder builds the same LoopConfig (and validates requests the same way) as
+        # offline generation: that is what makes the server's output equal generate()'s.
+        self.decoder = SpecDecoder(target, draft, spec, max_len=max_len,
+                                   eos_token_ids=eos_token_ids, max_stop=max_stop, mesh=mesh)
+        self.cfg = self.decoder.cfg
+        self.spec = self.decoder.spec
+        self.max_len = self.cfg.max_len
+        self.vocab_size = self.cfg.vocab
+        self.eos_token_ids = self.decoder.eos_token_ids
+        self.slots = slots
+        self.max_queue = max_queue
+        buckets = sorted(set(prefill_buckets or default_buckets(self.max_len)))
+        if buckets[-1] > self.max_len or buckets[0] < 1:
+            raise ValueError(f"prefill_buckets={buckets} must lie in [1, max_len={self.max_len}]")
+        self.buckets = tuple(buckets)
+        self.policy = policy or EnginePolicy()
+        self.plan = getattr(self.decoder, "plan", None)
+        if self.plan is None:
+            self._target, self._draft, self._sharding = _place(self.decoder.target,
+                                                               self.decoder.draft)
+        else:
+            self.plan.validate_batch(slots)
+            self._target, self._draft, self._sharding = (self.decoder.target,
+                                                         self.decoder.draft, None)
+        self._state_shardings = None if self.plan is None else self._plan_shardings()
+        self._num_moe_layers = int(self.cfg.num_experts and loop._num_moe_layers(*self._target))
+
+        cfg = self.cfg
+        out = self._state_shardings  # None: follow the inputs (one device)
+        self._step_fn = jax.jit(functools.partial(loop.step, cfg), donate_argnums=(2,),
+                                out_shardings=out)
+        self._admit_fn = jax.jit(functools.partial(self._admit_impl, cfg), donate_argnums=(2,),
+                                 out_shardings=out)
+        self._retire_fn = jax.jit(retire, donate_argnums=(0,), out_shardings=out)
+        self.state: DecodeState = self._empty_state()
+
+        self.lock = threading.Lock()
+        self._cv = threading.Condition(self.lock)
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._cancels: list[RequestHandle] = []
+        self._running: list[RequestHandle | None] = [None] * slots
+        self._ids = itertools.count()
+        self._accepting = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.healthy = True
+        self.last_error: str | None = None
+        # accepted-per-position slots: K for a chain, the depth for a tree
+        self.accept_positions = int(getattr(cfg, "accept_positions", cfg.k_eff))
+        self.counters = EngineCounters(k=max(self.accept_positions, 1))
+        self._tok_window: collections.deque[tuple[float, int]] = collections.deque()
+        self.startup_seconds: float | None = None
+
+    # ----------------------------------------------------------------- compiled pieces
+    @staticmethod
+    def _admit_impl(cfg, target, draft, state, slot, *prefill_args):
+        row = loop.prefill(cfg, target, draft, *prefill_args)
+        return insert(state, row, slot)
+
+    def _ctx(self):
+        """The sharding plan's context (expert-parallel MoE while jit traces), if any."""
+        return self.plan.activate() if self.plan is not None else contextlib.nullcontext()
+
+    def _state_shapes(self) -> DecodeState:
+        b, p = self.slots, self.buckets[0]
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+        f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+        shapes = jax.eval_shape(
+            functools.partial(loop.prefill, self.cfg), self._target, self._draft, i32(b, p),
+            i32(b), i32(b), f32(b), i32(b), f32(b), i32(b), i32(b, self.cfg.max_stop))
+        return shapes
+
+    def _plan_shardings(self) -> DecodeState:
+        """Per-leaf NamedShardings of the state under the plan: rows over ``batch``,
+        caches per ``plan.cache_shardings()``, batch totals replicated."""
+        plan, shapes = self.plan, self._state_shapes()
+        rows = lambda x: plan.batch_sharding(len(x.shape))
+        replicated = jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec())
+        out = {}
+        for f in dataclasses.fields(shapes):
+            x = getattr(shapes, f.name)
+            if x is None:
+                out[f.name] = None
+            elif isinstance(x, KVCache):
+                out[f.name] = plan.cache_shardings()
+            elif isinstance(x, Stats):
+                out[f.name] = x.replace(**{
+                    g.name: rows(getattr(x, g.name)) if _is_row_field(g.name) else replicated
+                    for g in dataclasses.fields(x)})
+            else:
+                out[f.name] = jax.tree.map(rows, x)
+        return shapes.replace(**out)
+
+    def _empty_state(self) -> DecodeState:
+        b = self.slots
+        shapes = self._state_shapes()
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        state = state.replace(done_B=jnp.ones((b,), bool),
+                              stop_ids_BS=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
+        if self._state_shardings is not None:
+            return jax.device_put(state, self._state_shardings)
+        return state if self._sharding is None else jax.device_put(state, self._sharding)
+
+    def _row_args(self, prompt_ids: list[int], params: SamplingParams) -> tuple:
+        """Validated batch-1 prefill arguments, the prompt padded to its bucket."""
+        try:
+            prepared = self.decoder.prepare(
+                [prompt_ids], params.max_tokens, temperature=params.temperature,
+                top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                stop_token_ids=params.stop_token_ids)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        n = len(prompt_ids)
+        bucket = next(b for b in self.buckets if b >= n)
+        arr = np.zeros((1, bucket), np.int32)
+        arr[0, :n] = prompt_ids
+        return (jnp.asarray(arr),) + tuple(prepared[1:])
+
+    # ----------------------------------------------------------------- public API
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises :class:`RequestError` (naming the field or limit) for a bad request."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError("prompt is empty")
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+            raise RequestError(f"max_tokens={params.max_tokens} must be an integer >= 1")
+        need = n + params.max_tokens + self.cfg.k_eff + 1
+        if need > self.max_len or n > self.buckets[-1]:
+            raise RequestError(
+                f"prompt tokens ({n}) + max_tokens ({params.max_tokens}) + k + 1 "
+                f"({self.cfg.k_eff + 1}) = {need} exceeds the cache capacity max_len="
+                f"{self.max_len}: shorten the prompt or lower max_tokens")
+        bad = [t for t in prompt_ids if not (isinstance(t, (int, np.integer))
+                                             and 0 <= t < self.vocab_size)]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside [0, {self.vocab_size})")
+        if not 0 <= params.seed < 2**31:
+            raise RequestError(f"seed={params.seed} must be in [0, 2**31)")
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestHandle:
+        """Queues a request; returns its handle (stream of :class:`StreamEvent`).
+
+        Raises:
+          RequestError: invalid request (e.g. prompt + max_tokens beyond ``max_len``).
+          QueueFullError: ``max_queue`` requests are waiting already.
+          EngineClosedError: the engine is not running or is shutting down.
+        """
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check_request(prompt_ids, params)
+        args = self._row_args(prompt_ids, params)
+        try:
+            loop_ = asyncio.get_running_loop()
+        except RuntimeError:
+            loop_ = None
+        with self._cv:
+            if not self._accepting:
+                raise EngineClosedError("the server is shutting down or not started; "
+                                        "no new requests are admitted")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full (max_queue={self.max_queue} "
+                                     f"waiting, {self.slots} slots running); retry later")
+            rid = request_id or f"req-{next(self._ids)}"
+            h = RequestHandle(self, rid, prompt_ids, params, loop_)
+            h._args = args
+            self._waiting.append(h)
+            self._cv.notify_all()
+        return h
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 timeout: float | None = None) -> StreamEvent:
+        """Synchronous convenience: submit and wait for the final event."""
+        return self.submit(prompt_ids, params).result(timeout)
+
+    def cancel(self, handle: RequestHandle, reason: str = "abort") -> None:
+        with self._cv:
+            if handle.finished or handle.cancel_reason is not None:
+                return
+            handle.cancel_reason = reason
+            self._cancels.append(handle)
+            self._cv.notify_all()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self._running)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        with self.lock:
+            n = sum(c for t, c in self._tok_window if t >= now - window)
+        return n / window
+
+    # ----------------------------------------------------------------- lifecycle
+    def precompile(self) -> float:
+        """Compiles (and runs once) admit for every bucket, step and retire; returns s."""
+        t0 = time.perf_counter()
+        for bucket in self.buckets:
+            n = min(bucket, self.max_len - self.cfg.k_eff - 2)
+            n = max(n, 1)
+            args = self._row_args([0] * n, SamplingParams(max_tokens=1))
+            if args[0].shape[1] != bucket:  # a bucket no prompt can fill: skip
+                continue
+            with self._ctx():
+                self.state = self._admit_fn(self._target, self._draft, self.state,
+                                            np.int32(0), *args)
+        with self._ctx():
+            self.state = self._step_fn(self._target, self._draft, self.state)
+            self.state = self._retire_fn(self.state, jnp.ones((self.slots,), bool))
+        jax.block_until_ready(self.state)
+        self.state = self._empty_state()
+        return time.perf_counter() - t0
+
+    def start(self, precompile: bool = True) -> Engine:
+        """Precompiles (optional) and starts the engine thread."""
+        if self._thread is not None:
+            return self
+        t0 = time.perf_counter()
+        if precompile:
+            self.precompile()
+        self.startup_seconds = time.perf_counter() - t0
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="moesd-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        """Stops admitting new requests (submit raises EngineClosedError); in-flight and
+        queued requests still finish."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify_all()
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stops the engine. ``drain``: first let queued and running requests finish
+        (up to ``timeout`` s); otherwise (or after the timeout) cancel them. Returns True
+        when everything in flight finished normally."""
+        self.stop_accepting()
+        drained = True
+        if drain:
+            drained = self.wait_idle(timeout)
+        with self._cv:
+            for h in list(self._waiting) + [r for r in self._running if r is not None]:
+                if h.cancel_reason is None:
+                    h.cancel_reason = "abort"
+                    self._cancels.append(h)
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+        return drained
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Waits until no request is queued or running; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._waiting or any(r is not None for r in self._running):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+    # ----------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                cancels, self._cancels = self._cancels, []
+                stop = self._stop
+            self._apply_cancels(cancels)
+            if stop:
+                with self._cv:
+                    self._cv.notify_all()
+                return
+            self._admit_waiting()
+            if self.num_running == 0:
+                with self._cv:
+                    if not self._waiting and not self._cancels and not self._stop:
+                        self._cv.wait(0.1)
+                continue
+            try:
+                self._check_plan()
+                with self._ctx():
+                    self.state = self._step_fn(self._target, self._draft, self.state)
+                self._read_back(stepped=True)
+            except Exception as e:  # noqa: BLE001 - keep serving; fail the batch
+                self._fail_all(e)
+
+    def _check_plan(self) -> None:
+        plan = self.policy.plan(self, list(self._running))
+        k = self.cfg.k_eff
+        active = np.array([r is not None for r in self._running])
+        if np.any(plan.k_B[active] != k) or plan.budget is not None:
+            raise NotImplementedError(
+                "per-slot K and expert budgets are not supported by the compiled step yet "
+                f"(every running slot must use K={k} and no budget)")
+
+    def _admit_waiting(self) -> int:
+        n = 0
+        while True:
+            with self._cv:
+                free = [i for i, r in enumerate(self._running) if r is None]
+                if not free or not self._waiting:
+                    return n
+                h = self._waiting.popleft()
+                slot = free[0]
+                h.slot = slot
+                self._running[slot] = h
+            try:
+                with self._ctx():
+                    self.state = self._admit_fn(self._target, self._draft, self.state,
+                                                np.int32(slot), *h._args)
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed for %s", h.request_id)
+                with self._cv:
+                    self._running[slot] = None
+                self._finish(h, "error", error=f"prefill failed: {e}")
+                continue
+            h._args = None
+            h.prev_stats = (0, 0, 0, np.zeros(self.counters.k, np.int64))
+            with self.lock:
+                self.counters.prompt_tokens += len(h.prompt_ids)
+            n += 1
+
+    def _apply_cancels(self, cancels: list[RequestHandle]) -> None:
+        if not cancels:
+            return
+        mask = np.zeros((self.slots,), bool)
+        for h in cancels:
+            if h.finished:
+                continue
+            with self._cv:
+                if h in self._waiting:
+                    self._waiting.remove(h)
+                    waiting = True
+                else:
+                    waiting = False
+            if waiting or h.slot is None:
+                self._finish(h, h.cancel_reason or "abort")
+            else:
+                mask[h.slot] = True
+        if mask.any():
+            try:
+                with self._ctx():
+                    self.state = self._retire_fn(self.state, jnp.asarray(mask))
+            except Exception as e:  # noqa: BLE001
+                self._fail_all(e)
+                return
+            for slot in np.nonzero(mask)[0]:
+                h = self._running[slot]
+                if h is not None:
+                    self._release(slot)
+                    self._finish(h, h.cancel_reason or "abort")
+
+    def _read_back(self, stepped: bool) -> None:
+        s = self.state
+        st = s.stats
+        tokens, seq_len, plen, done, it, dr, ac, ap, uniq, vsteps = jax.device_get(
+            (s.tokens_BN, s.seq_len_B, s.prompt_len_B, s.done_B, st.iterations_B,
+             st.drafted_B, st.accepted_B, st.accepted_pos_BK, st.unique_experts_L,
+             st.verify_steps))
+        now = time.monotonic()
+        new_total = 0
+        finished = []
+        with self.lock:
+            c = self.counters
+            if stepped:
+                c.engine_steps += 1
+                vs = int(vsteps)
+                if vs > c.verify_steps:
+                    c.verify_steps = vs
+                    total = int(np.sum(uniq))
+                    prev = getattr(self, "_uniq_total", 0)
+                    self._uniq_total = total
+                    if self._num_moe_layers:
+                        c.observe_unique((total - prev) / self._num_moe_layers)
+            for slot, h in enumerate(self._running):
+                if h is None:
+                    continue
+                p0 = int(plen[slot]) + len(h.tokens)
+                new = tokens[slot, p0:int(seq_len[slot])].tolist()
+                cur = (int(it[slot]), int(dr[slot]), int(ac[slot]), ap[slot].astype(np.int64))
+                pi, pd, pa, pp = h.prev_stats
+                drafts = cur[0] - pi if self.cfg.k_eff > 0 else 0
+                c.num_drafts += drafts
+                c.num_draft_tokens += cur[1] - pd
+                c.num_accepted_tokens += cur[2] - pa
+                if self.cfg.k_eff > 0:
+                    for j, d in enumerate((cur[3] - pp).tolist()):
+                        c.accepted_per_pos[j] += d
+                h.prev_stats = cur
+                h.tokens.extend(new)
+                c.generation_tokens += len(new)
+                new_total += len(new)
+                if new:
+                    h._push(StreamEvent(new))
+                if bool(done[slot]):
+                    finished.append(slot)
+            if new_total:
+                self._tok_window.append((now, new_total))
+            while self._tok_window and self._tok_window[0][0] < now - 60:
+                self._tok_window.popleft()
+        for slot in finished:
+            h = self._running[slot]
+            self._release(slot)
+            stops = (self.eos_token_ids if h.params.stop_token_ids is None
+                     else h.params.stop_token_ids)
+            reason = "stop" if h.tokens and h.tokens[-1] in stops else "length"
+            if h.cancel_reason is not None:
+                reason = h.cancel_reason
+            self._finish(h, reason)
+
+    def _release(self, slot: int) -> None:
+        with self._cv:
+            self._running[slot] = None
+            self._cv.notify_all()
+
+    def _stats(self, h: RequestHandle) -> dict:
+        it, dr, ac, ap = h.prev_stats or (0, 0, 0, np.zeros(self.counters.k, np.int64))
+        k, npos = self.cfg.k_eff, self.accept_positions
+        return {
+            "iterations": it,
+            "drafts": it if k > 0 else 0,
+            "draft_tokens": dr,
+            "accepted_tokens": ac,
+            "accepted_per_position": [int(x) for x in ap[:npos]] if k else [],
+            "mean_acceptance_length": (1.0 + ac / it) if it else 1.0,
+        }
+
+    def _finish(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
+        if h.finished:
+            return
+        h.finished = True
+        with self.lock:
+            self.counters.finished[reason] += 1
+        h._push(StreamEvent([], finished=True, finish_reason=reason,
+                            all_token_ids=list(h.tokens), stats=self._stats(h), error=error))
+        with self._cv:
+            self._cv.notify_all()
+
+    def _fail_all(self, e: Exception) -> None:
+        log.exception("engine step failed")
+        self.last_error = f"{type(e).__name__}: {e}"
+        running = [(i, h) for i, h in enumerate(self._running) if h is not None]
+        for i, h in running:
+            self._release(i)
+            self._finish(h, "error", error=f"engine step failed: {self.last_error}")
+        try:
+            self.state = self._empty_state()
+        except Exception:  # noqa: BLE001
+            self.healthy = False
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+
+
+def load_engine(model: str | Path | None = None, draft: str | Path | None = None,
+                spec: SpecConfig | None = None, *, slots: int = 4, max_len: int | None = None,
+                max_queue: int = 64, prefill_buckets: Sequence[int] | None = None,
+                mesh: str | Path | None = None, dispatch: str | None = None,
+                tokenizer: str | Path | None = None):
+    """Loads target (+ draft) checkpoints into an (unstarted) Engine.
+
+    ``model=None`` is the bundled target (``moesd_jax/bundled/target``); ``draft=None``
+    with ``spec.method == "draft"`` is the bundled draft. The tokenizer is the target
+    checkpoint's, else ``tokenizer`` (a directory), else the bundled one when its
+    vocabulary fits the model.
+
+    Returns:
+      (engine, tokenizer or None, default model name).
+    """
+    from moesd_jax.checkpoint import bundled_model_dir, load_model
+
+    spec = spec or SpecConfig()
+    bundled = model is None
+    model_dir = Path(model) if model is not None else bundled_model_dir("target")
+    target, tok = load_model(model_dir, dispatch=dispatch)
+    draft_model = None
+    if spec.method == "draft":
+        draft_dir = Path(draft) if draft is not None else bundled_model_dir("draft")
+        draft_model, _ = load_model(draft_dir, dispatch=dispatch)
+    if tokenizer is not None:
+        from moesd_jax.data import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    if tok is None:
+        try:
+            from moesd_jax.data import load_tokenizer
+
+            cand = load_tokenizer()
+            if len(cand) <= target.cfg.vocab_size:
+                tok = cand
+        except (ImportError, OSError) as e:  # pragma: no cover
+            log.warning("no tokenizer: %s", e)
+    eos = tuple(target.cfg.eos_token_ids)
+    if not eos and tok is not None and tok.eos_token_id is not None:
+        eos = (int(tok.eos_token_id),)
+    engine = Engine(target, draft_model, spec, slots=slots, max_len=max_len,
+                    max_queue=max_queue, prefill_buckets=prefill_buckets, eos_token_ids=eos,
+                    mesh=mesh)
+    name = "moesd-bundled" if bundled else model_dir.resolve().name
+    return engine, tok, name
+

@@ -1,0 +1,86 @@
+"""Engine internals: buckets, detokenisation with stop strings, the policy hook, queue
+handling and compiled-program reuse (on the shared engine: no extra compiles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesd_jax.config import SpecConfig
+from moesd_jax.serving.api import _Detok
+from moesd_jax.serving.engine import (
+    Engine,
+    EnginePolicy,
+    RequestError,
+    SamplingParams,
+    StepPlan,
+    default_buckets,
+)
+from tests.serving.conftest import BUCKETS, REF_MAX
+
+
+def test_default_buckets():
+    assert default_buckets(128) == (16, 32, 64, 128)
+    assert default_buckets(100) == (16, 32, 64, 100)
+    assert default_buckets(16) == (16,)
+
+
+def test_detok_holds_back_stop_prefixes_and_partial_characters(tokenizer):
+    text = "def f(x):\n    return x  # caf\u00e9 END tail"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for stops in ([" END"], ["x):"], ["nothing"], []):
+        d = _Detok(tokenizer, stops)
+        out = "".join(d.add([t]) for t in ids) + d.flush()
+        cut = min([text.index(s) for s in stops if s in text], default=len(text))
+        assert out == text[:cut], stops
+        assert d.stopped == (cut < len(text))
+        assert "\ufffd" not in out
+
+
+def test_engine_queue_cancel_and_direct_use(engine, prompts, reference):
+    """Sync handles: more requests than slots queue up; a cancelled waiting request
+    finishes with 'abort' without running; the others match the reference."""
+    n = engine.slots + 3
+    hs = [engine.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(n)]
+    hs[-1].cancel()
+    outs = [h.result(timeout=120) for h in hs]
+    assert outs[-1].finish_reason == "abort"
+    for i, ev in enumerate(outs[:-1]):
+        assert ev.finish_reason == "length" and ev.all_token_ids == reference[i]
+        assert ev.stats["draft_tokens"] == engine.cfg.k * ev.stats["drafts"]
+
+
+def test_policy_hook_rejects_plans_the_step_cannot_run(engine, prompts):
+    class PerSlotK(EnginePolicy):
+        def plan(self, engine, requests):
+            return StepPlan(np.zeros(len(requests), np.int32))
+
+    saved = engine.policy
+    engine.policy = PerSlotK()
+    try:
+        ev = engine.generate(prompts[0], SamplingParams(max_tokens=8), timeout=120)
+    finally:
+        engine.policy = saved
+    assert ev.finish_reason == "error" and "per-slot K" in ev.error
+    ev = engine.generate(prompts[0], SamplingParams(max_tokens=8), timeout=120)
+    assert ev.finish_reason == "length"
+
+
+def test_one_compiled_step_and_one_admit_per_bucket(engine, prompts):
+    for i in (0, 9, 12):  # both buckets
+        engine.generate(prompts[i], SamplingParams(max_tokens=3, temperature=0.7, seed=i))
+    assert engine._step_fn._cache_size() == 1
+    assert engine._admit_fn._cache_size() == len(BUCKETS)
+    assert engine._retire_fn._cache_size() == 1
+
+
+def test_engine_takes_a_tree_spec(models):
+    """A tree spec reaches the loop config (the step itself is exercised in the slow
+    test_variants.py): K = N nodes per iteration, accepted positions = tree depth."""
+    target, draft = models
+    eng = Engine(target, draft, SpecConfig(method="draft", k=2, tree="tree-7"), slots=1,
+                 max_len=64, prefill_buckets=(32,))
+    assert eng.cfg.k_eff == 7 and eng.accept_positions == 3
+    assert len(eng.counters.accepted_per_pos) == 3
+    with pytest.raises(RequestError, match="k \\+ 1 \\(8\\)"):
+        eng.check_request([1] * 50, SamplingParams(max_tokens=8))
