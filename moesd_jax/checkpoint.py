@@ -136,7 +136,7 @@ def _restore_target(abstract_state: nnx.State, shardings: Any) -> dict:
     """Pure-dict tree of ShapeDtypeStruct(sharding=...) for orbax's abstract restore."""
     pure = nnx.to_pure_dict(abstract_state)
     if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, pure)
     elif isinstance(shardings, nnx.State):

@@ -4,6 +4,7 @@
 Examples:
   python scripts/generate.py --prompt 'def fibonacci(n):' --max-new-tokens 48
   python scripts/generate.py --model CKPT_OR_HF_DIR --spec ngram --k 4 --prompt-ids 1,2,3 --json
+  python scripts/generate.py --mesh ep --prompt 'import os'   # configs/mesh/ep.yaml
 """
 
 from __future__ import annotations
@@ -58,12 +59,16 @@ def main(argv=None) -> int:
                                  "use --prompt-ids")
             prompts = [tok.encode(p) for p in args.prompt] + prompts
         max_len = args.max_len or lm.target.cfg.max_seq_len
-        dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=max_len)
+        dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=max_len, mesh=args.mesh)
         results = dec.generate(prompts, args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from moesd_jax.distributed import is_primary
+
+    if not is_primary():  # every process decodes; the first one prints
+        return 0
     for p, r in zip(prompts, results):
         text = tok.decode(r.token_ids) if tok is not None else None
         if args.json:
@@ -78,8 +83,10 @@ def main(argv=None) -> int:
 def load(args):
     from moesd_jax.runtime import load_models
 
-    if args.mesh:
-        from moesd_jax import sharding  # noqa: F401  (raises if sharding is unavailable)
+    if args.mesh:  # joins a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
+        from moesd_jax.distributed import initialize_distributed
+
+        initialize_distributed()
     return load_models(args.model, args.draft, args.spec, k=args.k, tree=args.tree,
                        dispatch=args.dispatch)
 

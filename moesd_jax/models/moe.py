@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moesd_jax import sharding
 from moesd_jax.config import ModelConfig
 from moesd_jax.models.layers import MLP, param
 
@@ -156,7 +157,8 @@ class MoEBlock(nnx.Module):
         with jax.named_scope("moe_route"):
             _, ids, w = self.route(x_TD, token_valid_T)
         with jax.named_scope("moe_dispatch"):
-            fn = DISPATCH[dispatch or m.dispatch]
+            # expert-parallel shard_map around the backend when a plan shards experts
+            fn = sharding.maybe_expert_parallel(DISPATCH[dispatch or m.dispatch])
             y = fn(x_TD, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...],
                    ids, w, m.max_active)
         if m.shared_expert_dim:

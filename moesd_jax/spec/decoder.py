@@ -17,9 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moesd_jax import sharding
 from moesd_jax.config import SpecConfig
+from moesd_jax.distributed import process_allgather
 from moesd_jax.models.transformer import Transformer
 from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
+from moesd_jax.spec.tree import load_tree
 
 
 @dataclasses.dataclass
@@ -54,29 +57,44 @@ class SpecDecoder:
     Args:
       target: the target model.
       draft: the draft model (for ``spec.method == "draft"``), sharing the tokenizer.
-      spec: speculation config (method, k, ngram_n).
-      max_len: token buffer / KV cache capacity per row (prompt + new tokens + K + 1).
+      spec: speculation config (method, k, ngram_n; ``tree``: a named tree such as
+        ``tree-15`` or a YAML path, drafted by the draft model, see ``spec/tree.py``).
+      max_len: token buffer / KV cache capacity per row (prompt + new tokens + K + 1;
+        with a tree of N nodes: + N + 1).
       prompt_bucket: prompts are right-padded to a multiple of this.
       eos_token_ids: default stop tokens (the target's ``eos_token_ids`` if None).
+      mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
+        ``MeshConfig``): the models are copied onto its mesh, rows split per its ``batch``
+        rule and MoE layers run expert-parallel when it shards experts. None: one device.
     """
 
     def __init__(self, target: Transformer, draft: Transformer | None = None,
                  spec: SpecConfig | None = None, *, max_len: int | None = None,
                  prompt_bucket: int = 16, eos_token_ids: Sequence[int] | None = None,
-                 max_stop: int = 8):
+                 max_stop: int = 8, mesh=None):
         spec = spec or SpecConfig(method="none")
         if spec.method == "draft" and draft is None:
             raise ValueError("spec.method='draft' needs a draft model")
         if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
             raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} != target vocab_size="
                              f"{target.cfg.vocab_size}: they must share a tokenizer")
+        tree = None
+        if spec.tree is not None and spec.method == "ngram":
+            raise ValueError(f"spec.tree={spec.tree!r} needs spec.method='draft': the "
+                             "prompt-lookup drafter proposes chains only")
+        if spec.tree is not None and spec.method == "draft":
+            tree = load_tree(spec.tree).paths
         self.spec = spec
+        self.plan = sharding.as_plan(mesh)
+        if self.plan is not None:
+            target = self.plan.shard_model(target)
+            draft = self.plan.shard_model(draft) if draft is not None else None
         self.target = nnx.split(target)
         self.draft = nnx.split(draft) if (draft is not None and spec.method == "draft") else None
         tc = target.cfg
         self.cfg = LoopConfig(method=spec.method, k=spec.k, max_len=max_len or tc.max_seq_len,
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
-                              num_experts=tc.moe.num_experts if tc.moe else 0)
+                              num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree)
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0
@@ -84,7 +102,11 @@ class SpecDecoder:
 
     def _run(self, cfg, target, draft, *args):
         self.trace_count += 1  # Python side effect: runs only when jax traces
-        return generate_loop(cfg, target, draft, *args)
+        state = generate_loop(cfg, target, draft, *args)
+        if self.plan is not None:  # caches (and so the loop carry) laid out per the rules
+            state = state.replace(target_cache=self.plan.constrain_cache(state.target_cache),
+                                  draft_cache=self.plan.constrain_cache(state.draft_cache))
+        return state
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                 temperature=0.0, top_k=0, top_p=1.0, seed: int | Sequence[int] = 0,
@@ -136,17 +158,22 @@ class SpecDecoder:
                 jnp.asarray(np.tile(np.asarray(stop_row, np.int32), (b, 1))))
 
     def generate_state(self, *prepared) -> DecodeState:
-        return self._fn(self.target, self.draft, *prepared)
+        if self.plan is None:
+            return self._fn(self.target, self.draft, *prepared)
+        with self.plan.activate():  # active while jit traces: MoE layers go expert-parallel
+            return self._fn(self.target, self.draft, *self.plan.shard_batch(*prepared))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  **kwargs) -> list[GenerationResult]:
         """Generates for a batch of token-id prompts; returns results in order."""
         prepared = self.prepare(prompts, max_new_tokens, **kwargs)
         state = jax.block_until_ready(self.generate_state(*prepared))
+        if self.plan is not None:  # rows held by other processes come to every process
+            state = process_allgather(state)
         tokens = np.asarray(state.tokens_BN)
         seq_len = np.asarray(state.seq_len_B)
         out = []
         for i, p in enumerate(prompts):
             out.append(GenerationResult(tokens[i, len(p): seq_len[i]].tolist(),
-                                        row_stats(state, i, self.cfg.k_eff)))
+                                        row_stats(state, i, self.cfg.accept_positions)))
         return out

@@ -17,6 +17,10 @@ One iteration with a chain of K drafts (K = 0 is plain autoregressive decoding):
   accept  lossless rejection sampling (greedy rows: accept iff draft == argmax);
   commit  append accepted drafts and the correction/bonus token, advance the cache
           length, apply stop tokens and the per-row token limit.
+
+With a static draft tree (``LoopConfig.tree``) the same four stages run over the N tree
+nodes instead (``_tree_step``, ``spec/tree.py``): T = N + 1 with the ancestor mask, and
+the accepted path's K/V is compacted into contiguous cache positions.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moesd_jax.kv_cache import KVCache
+from moesd_jax.kv_cache import KVCache, compact
 from moesd_jax.models.transformer import apply
 from moesd_jax.spec import drafters
+from moesd_jax.spec import tree as spec_tree
 from moesd_jax.spec.sampling import filter_probs, rejection_sample_chain, sample, split_rows
 
 
@@ -45,6 +50,8 @@ class LoopConfig:
       max_stop: static number of stop-token slots per row.
       vocab: V of the target (and draft).
       num_experts: E of the target's MoE layers (0 for dense), for routing stats.
+      tree: static draft tree as a tuple of paths (``spec.tree``, see ``spec/tree.py``);
+        None = a chain of ``k``. Needs ``method == "draft"``.
     """
 
     method: str
@@ -54,15 +61,26 @@ class LoopConfig:
     ngram_n: int = 2
     max_stop: int = 8
     num_experts: int = 0
+    tree: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def width(self) -> int:
-        """Tokens per verification forward: T = K + 1."""
+        """Tokens per verification forward: T = K + 1 (trees: N + 1)."""
         return 1 + self.k_eff
 
     @property
     def k_eff(self) -> int:
-        return 0 if self.method == "none" else self.k
+        """Draft tokens per iteration: K for a chain, N nodes for a tree."""
+        if self.method == "none":
+            return 0
+        return len(self.tree) if self.tree is not None else self.k
+
+    @property
+    def accept_positions(self) -> int:
+        """Most drafts one iteration can accept: K for a chain, the depth for a tree."""
+        if self.method != "none" and self.tree is not None:
+            return max(len(p) for p in self.tree)
+        return self.k_eff
 
 
 @struct.dataclass
@@ -140,7 +158,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
     max_total = prompt_len_B + max_new_B
     done = _is_stop(first, stop_ids_BS) | (seq_len >= max_total)
     n_moe = _num_moe_layers(tg, ts)
-    kk = max(cfg.k_eff, 1)
+    kk = max(cfg.accept_positions, 1)
     stats = Stats(jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                   jnp.zeros((b,), jnp.int32), jnp.zeros((b, kk), jnp.int32),
                   jnp.zeros((n_moe,), jnp.int32), jnp.zeros((), jnp.int32))
@@ -164,6 +182,8 @@ def _is_stop(tok, stop_ids_BS):
 
 def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     """One draft -> verify -> accept -> commit iteration for every active row."""
+    if cfg.tree is not None and cfg.k_eff > 0:
+        return _tree_step(cfg, target, draft, s)
     b, n = s.tokens_BN.shape
     k = cfg.k_eff
     active = ~s.done_B
@@ -231,6 +251,86 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         uniq = uniq + jnp.sum(present_LE, axis=1).astype(jnp.int32)
     stats = Stats(st.iterations_B + act, st.drafted_B + k * act, st.accepted_B + n_acc * act,
                   st.accepted_pos_BK + acc_pos, uniq,
+                  st.verify_steps + jnp.any(active).astype(jnp.int32))
+    return s.replace(tokens_BN=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
+                     draft_cache=dcache, key_B=key_B, stats=stats)
+
+
+def _tree_step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
+    """``step`` for a static draft tree (``cfg.tree``; see ``spec/tree.py``).
+
+    draft   D draft-model forwards (one per depth level) give N node tokens and the draft
+            distributions they were drawn from (children without replacement);
+    verify  one target forward over [root, nodes 1..N] at positions seq_len-1+depth with
+            the ancestor mask (T = N + 1);
+    accept  greedy longest matching path / recursive rejection sampling over siblings;
+    commit  ``kv_cache.compact`` moves the accepted path's K/V (target and draft caches,
+            per row) to contiguous positions; tokens, stops and limits as for chains.
+    """
+    tree = spec_tree.TokenTree.from_paths(cfg.tree)
+    b, n = s.tokens_BN.shape
+    t = tree.num_nodes + 1
+    dmax = tree.depth
+    active = ~s.done_B
+    pos0 = s.seq_len_B - 1
+
+    with jax.named_scope("draft"):
+        dg, ds = draft
+        node_tok, q, dcache, key_B = spec_tree.draft_model_tree(
+            tree, dg, ds, s.draft_cache, s.tokens_BN, s.seq_len_B, s.key_B, s.temperature_B,
+            s.top_k_B, s.top_p_B, active)
+
+    with jax.named_scope("verify"):
+        tg, ts = target
+        pos_BT = pos0[:, None] + jnp.asarray(tree.depths)[None, :]
+        valid_BT = jnp.broadcast_to(active[:, None], (b, t))
+        tcache = s.target_cache.replace(lengths=pos0)
+        logits, tcache, routing = apply(tg, ts, node_tok, pos_BT, tcache,
+                                        tree_mask=jnp.asarray(tree.ancestor_mask),
+                                        token_valid_BT=valid_BT, return_routing=True)
+
+    with jax.named_scope("accept"):
+        p = filter_probs(logits.reshape(b * t, -1), jnp.repeat(s.temperature_B, t),
+                         jnp.repeat(s.top_k_B, t), jnp.repeat(s.top_p_B, t))
+        p = p.reshape(b, t, -1)
+        key_B, use = split_rows(key_B)
+        path_BP, n_acc, nxt = spec_tree.rejection_sample_tree(
+            tree, use, node_tok, q, p, s.temperature_B <= 0.0)
+
+    with jax.named_scope("commit"):
+        w = dmax + 1
+        j = jnp.arange(w, dtype=jnp.int32)[None, :]
+        path_tok = jnp.take_along_axis(node_tok, path_BP, axis=1)  # [B, D+1], root first
+        drafts_pad = jnp.concatenate([path_tok[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+        new_BT = jnp.where(j < n_acc[:, None], drafts_pad, nxt[:, None])
+        n_new = n_acc + 1
+        is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new[:, None])
+        first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
+        n_new = jnp.minimum(n_new, first_stop + 1)
+        n_new = jnp.minimum(n_new, s.max_total_B - s.seq_len_B)
+        n_new = jnp.where(active, n_new, 0)
+        wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, n)  # n -> dropped
+        tokens = s.tokens_BN.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
+        seq_len = s.seq_len_B + n_new
+        done = s.done_B | (active & ((first_stop + 1 <= n_new) | (seq_len >= s.max_total_B)))
+        # root + accepted nodes -> positions pos0 .. pos0 + n_acc; the target cache then
+        # holds seq_len - 1 entries (the new token is pending)
+        tcache = compact(tcache, path_BP, n_new)
+        # the draft cache must be valid below the next pos0 - 1 = pos0 + n_acc: the root
+        # and the accepted non-leaf nodes, which the last level forward left at their BFS
+        # slots (the last accepted node is re-fed next iteration, "lazy by one")
+        dcache = compact(dcache.replace(lengths=pos0), path_BP, jnp.zeros_like(n_new))
+
+    st = s.stats
+    act = active.astype(jnp.int32)
+    acc_pos = (jnp.arange(dmax)[None, :] < n_acc[:, None]).astype(jnp.int32) * act[:, None]
+    uniq = st.unique_experts_L
+    if routing is not None and cfg.num_experts:
+        onehot = jax.nn.one_hot(routing.astype(jnp.int32), cfg.num_experts, dtype=jnp.int32)
+        present_LE = jnp.einsum("BTLKE->LE", onehot) > 0
+        uniq = uniq + jnp.sum(present_LE, axis=1).astype(jnp.int32)
+    stats = Stats(st.iterations_B + act, st.drafted_B + tree.num_nodes * act,
+                  st.accepted_B + n_acc * act, st.accepted_pos_BK + acc_pos, uniq,
                   st.verify_steps + jnp.any(active).astype(jnp.int32))
     return s.replace(tokens_BN=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
                      draft_cache=dcache, key_B=key_B, stats=stats)
