@@ -6,6 +6,7 @@ run, time compiled functions after warm-up with ``block_until_ready``, report me
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int =
         n_used = len(np.unique(ids))
         ids_j = jnp.asarray(ids, jnp.int32)
         comb = jnp.full((tokens, k), 1.0 / k, jnp.float32)
-        sec = median_time(lambda: fn(x, w_gate, w_up, w_down, ids_j, comb), repeats)
+        sec = median_time(functools.partial(fn, x, w_gate, w_up, w_down, ids_j, comb), repeats)
         wbytes = n_used * 3 * d * f * 4
         rows.append({"active": n_used, "ms": sec * 1e3, "weight_bytes": wbytes,
                      "gb_per_s": wbytes / sec / 1e9})

@@ -18,7 +18,8 @@ import yaml
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-Dispatch = Literal["dense", "gather", "ragged", "pallas"]
+Dispatch = Literal["dense", "gather", "ragged", "pallas", "dense_budgeted", "gather_budgeted",
+                   "ragged_budgeted", "pallas_budgeted"]
 QKNorm = Literal["none", "head", "all"]
 
 
@@ -41,6 +42,13 @@ class MoEConfig:
       dispatch: backend computing the routed experts (DESIGN.md): ``dense`` (float32
         reference, every expert on every token), ``gather`` (only active experts' weights
         are read; CPU default), ``ragged`` (``lax.ragged_dot``), ``pallas`` (kernel).
+        ``<backend>_budgeted`` applies the verification-time expert budget in front of
+        the backend; prefill always runs unbudgeted.
+      budget: B, experts kept per layer per verification step (top-B by routing mass
+        over the step's draft tokens; each row's root token keeps its own experts).
+      budget_policy: ``prune`` (lossless: tokens are never rerouted; draft tokens that
+        lose an expert are cut from acceptance) or ``substitute`` (MoE-Spec, lossy:
+        draft tokens re-pick their top-k among the kept experts).
       max_active: static cap A on distinct experts per layer per step for ``gather``;
         None = min(E, tokens * K), which never drops an expert.
       sparse_step: layer i is MoE iff (i + 1) % sparse_step == 0 (Qwen2-MoE's
@@ -56,6 +64,8 @@ class MoEConfig:
     shared_expert_gate: bool = False
     dispatch: Dispatch = "gather"
     max_active: int | None = None
+    budget: int | None = None
+    budget_policy: Literal["prune", "substitute"] = "prune"
     sparse_step: int = 1
     dense_layers: tuple[int, ...] = ()
 
@@ -67,6 +77,11 @@ class MoEConfig:
             )
         if self.shared_expert_dim < 0:
             raise ConfigError(f"{prefix}.shared_expert_dim={self.shared_expert_dim} must be >= 0")
+        if self.dispatch.endswith("_budgeted") and self.budget is None:
+            raise ConfigError(f"{prefix}.dispatch={self.dispatch!r} needs {prefix}.budget")
+        if self.budget is not None and not self.top_k <= self.budget <= self.num_experts:
+            raise ConfigError(f"{prefix}.budget={self.budget} must be in [{prefix}.top_k="
+                              f"{self.top_k}, {prefix}.num_experts={self.num_experts}]")
         if self.max_active is not None and not 1 <= self.max_active <= self.num_experts:
             raise ConfigError(
                 f"{prefix}.max_active={self.max_active} must be in [1, {prefix}.num_experts="

@@ -244,7 +244,7 @@ def test_ep_hlo_has_all_to_all_and_no_expert_weight_all_gather(forwards):
     assert f"f32[1,{d},{f}]" in hlo and f"f32[{e},{d},{f}]" not in hlo
 
 
-@pytest.mark.parametrize("name,backend", [("fsdp_ep", "dense"),
+@pytest.mark.parametrize("name,backend", [("fsdp_ep", "dense"), ("ep", "pallas"),
                                           pytest.param("ep_tp", "ragged", marks=pytest.mark.slow)])
 def test_ep_dispatch_with_other_backends_matches_dense(plans, name, backend):
     """Dropped ids, idle experts and T not divisible by the token split (13 tokens)."""

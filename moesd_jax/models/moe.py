@@ -140,6 +140,28 @@ class MoEBlock(nnx.Module):
             if m.shared_expert_gate:
                 self.shared_gate_D1 = param(rngs, (d, 1), ("embed", None), dt)
 
+    def apply_budget(self, probs_TE, ids_TK, w_TK, token_valid_T, root_T, kernel: bool):
+        """Verification-time expert budget (DESIGN.md "Expert budgeting").
+
+        Draft tokens (valid, non-root) are routed by ``budgeted_dispatch`` under budget B
+        (``MoEConfig.budget_policy``); root tokens keep their natural routing. Under
+        ``prune`` a draft token that loses an expert gets all its assignments dropped
+        (id E): the routing trace shows it, and the spec loop cuts acceptance there.
+        """
+        from moesd_jax.pallas.budgeted_dispatch import budgeted_dispatch
+
+        m = self.cfg.moe
+        t = probs_TE.shape[0]
+        valid = jnp.ones((t,), jnp.bool_) if token_valid_T is None else token_valid_T
+        root = jnp.zeros((t,), jnp.bool_) if root_T is None else root_T
+        plan = budgeted_dispatch(probs_TE, top_k=m.top_k, budget=m.budget,
+                                 policy=m.budget_policy, norm_topk_prob=m.norm_topk_prob,
+                                 token_valid_T=valid & ~root,
+                                 backend=None if kernel else "xla")
+        keep_nat = (root & valid)[:, None]
+        return (jnp.where(keep_nat, ids_TK, plan.ids_TK),
+                jnp.where(keep_nat, w_TK, plan.combine_TK))
+
     def route(self, x_TD: jax.Array, token_valid_T=None):
         """Router probabilities [T, E] (float32) and natural (ids_TK, combine_TK)."""
         m = self.cfg.moe
@@ -151,14 +173,26 @@ class MoEBlock(nnx.Module):
             w = jnp.where(token_valid_T[:, None], w, 0.0)
         return probs_TE, ids, w
 
-    def __call__(self, x_TD: jax.Array, token_valid_T=None, dispatch: str | None = None):
-        """Returns (y_TD, ids_TK) for T tokens (batch rows flattened into T)."""
+    def __call__(self, x_TD: jax.Array, token_valid_T=None, dispatch: str | None = None,
+                 root_T=None):
+        """Returns (y_TD, ids_TK) for T tokens (batch rows flattened into T).
+
+        ``root_T`` marks each row's root (pending) token for budgeted dispatch: roots keep
+        their natural experts outside the budget, so every verification step commits at
+        least one token.
+        """
         m = self.cfg.moe
+        name = dispatch or m.dispatch
         with jax.named_scope("moe_route"):
-            _, ids, w = self.route(x_TD, token_valid_T)
+            probs, ids, w = self.route(x_TD, token_valid_T)
+        if name.endswith("_budgeted"):
+            name = name.removesuffix("_budgeted")
+            with jax.named_scope("moe_budget"):
+                ids, w = self.apply_budget(probs, ids, w, token_valid_T, root_T,
+                                           kernel=name == "pallas")
         with jax.named_scope("moe_dispatch"):
             # expert-parallel shard_map around the backend when a plan shards experts
-            fn = sharding.maybe_expert_parallel(DISPATCH[dispatch or m.dispatch])
+            fn = sharding.maybe_expert_parallel(DISPATCH[name])
             y = fn(x_TD, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...],
                    ids, w, m.max_active)
         if m.shared_expert_dim:

@@ -33,7 +33,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.param_dtype, rngs)
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
-                 token_valid_BT, dispatch):
+                 token_valid_BT, dispatch, root_BT=None):
         b, t, d = x_BTD.shape
         with jax.named_scope("attention"):
             a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
@@ -43,7 +43,8 @@ class DecoderLayer(nnx.Module):
         ids = None
         if self.is_moe:
             valid = None if token_valid_BT is None else token_valid_BT.reshape(b * t)
-            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch)
+            root = None if root_BT is None else root_BT.reshape(b * t)
+            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch, root)
             y = y.reshape(b, t, d)
             ids = ids.reshape(b, t, -1)
         else:
@@ -72,7 +73,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
                  tree_mask: jax.Array | None = None, token_valid_BT: jax.Array | None = None,
-                 return_routing: bool = False, dispatch: str | None = None):
+                 return_routing: bool = False, dispatch: str | None = None,
+                 root_BT: jax.Array | None = None):
         """Forward T new tokens per row.
 
         Args:
@@ -85,6 +87,8 @@ class Transformer(nnx.Module):
             expert. Their outputs are meaningless.
           return_routing: also return routed expert ids.
           dispatch: override ``MoEConfig.dispatch`` for this call.
+          root_BT: bool; each row's root (pending) token, which keeps its natural experts
+            under a ``*_budgeted`` dispatch.
 
         Returns:
           (logits_BTV float32, cache with K/V written and lengths unchanged,
@@ -97,7 +101,7 @@ class Transformer(nnx.Module):
         routing = []
         for layer in self.layers:
             x, k_cache, v_cache, ids = layer(x, positions_BT, k_cache, v_cache, start,
-                                             tree_mask, token_valid_BT, dispatch)
+                                             tree_mask, token_valid_BT, dispatch, root_BT)
             if ids is not None:
                 routing.append(ids)
         x = self.final_norm(x)

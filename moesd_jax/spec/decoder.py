@@ -51,6 +51,15 @@ def row_stats(state: DecodeState, row: int, k: int) -> dict:
     }
 
 
+def budget_fields(tc) -> dict:
+    """LoopConfig fields for a target whose MoE dispatch is ``*_budgeted``."""
+    m = tc.moe
+    if m is None or not m.dispatch.endswith("_budgeted"):
+        return {}
+    return {"prefill_dispatch": m.dispatch.removesuffix("_budgeted"),
+            "budget_prune": m.budget_policy == "prune"}
+
+
 class SpecDecoder:
     """Batched autoregressive / speculative generation with one compiled program per shape.
 
@@ -84,6 +93,9 @@ class SpecDecoder:
                              "prompt-lookup drafter proposes chains only")
         if spec.tree is not None and spec.method == "draft":
             tree = load_tree(spec.tree).paths
+            if budget_fields(target.cfg):
+                raise ValueError(f"moe.dispatch={target.cfg.moe.dispatch!r}: expert budgets "
+                                 "are implemented for chains only; drop spec.tree")
         self.spec = spec
         self.plan = sharding.as_plan(mesh)
         if self.plan is not None:
@@ -94,7 +106,8 @@ class SpecDecoder:
         tc = target.cfg
         self.cfg = LoopConfig(method=spec.method, k=spec.k, max_len=max_len or tc.max_seq_len,
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
-                              num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree)
+                              num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree,
+                              **budget_fields(tc))
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0

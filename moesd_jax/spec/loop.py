@@ -50,6 +50,10 @@ class LoopConfig:
       max_stop: static number of stop-token slots per row.
       vocab: V of the target (and draft).
       num_experts: E of the target's MoE layers (0 for dense), for routing stats.
+      prefill_dispatch: MoE dispatch override for prefill (the unbudgeted backend when the
+        target's dispatch is ``*_budgeted``: budgets apply to verification only).
+      budget_prune: the target verifies under a ``prune`` expert budget: acceptance is
+        cut at the first draft position that lost an expert (lossless).
       tree: static draft tree as a tuple of paths (``spec.tree``, see ``spec/tree.py``);
         None = a chain of ``k``. Needs ``method == "draft"``.
     """
@@ -62,6 +66,8 @@ class LoopConfig:
     max_stop: int = 8
     num_experts: int = 0
     tree: tuple[tuple[int, ...], ...] | None = None
+    prefill_dispatch: str | None = None
+    budget_prune: bool = False
 
     @property
     def width(self) -> int:
@@ -139,7 +145,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
     tmodel_cfg = _model_cfg(tg, ts)
     tcache = KVCache.init(tmodel_cfg.num_layers, b, n, tmodel_cfg.num_kv_heads,
                           tmodel_cfg.dh, jnp.dtype(tmodel_cfg.compute_dtype))
-    logits, tcache, _ = apply(tg, ts, prompts_BP, pos_BP, tcache, token_valid_BT=valid_BP)
+    logits, tcache, _ = apply(tg, ts, prompts_BP, pos_BP, tcache, token_valid_BT=valid_BP,
+                              dispatch=cfg.prefill_dispatch)
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
     key_B = jax.vmap(jax.random.PRNGKey)(seed_B)
     key_B, use = split_rows(key_B)
@@ -212,8 +219,9 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         pos_BT = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         valid_BT = jnp.broadcast_to(active[:, None], (b, t))
         tcache = s.target_cache.replace(lengths=pos0)
+        root_BT = jnp.broadcast_to(jnp.arange(t)[None, :] == 0, (b, t))
         logits, tcache, routing = apply(tg, ts, vt_BT, pos_BT, tcache, token_valid_BT=valid_BT,
-                                        return_routing=True)
+                                        return_routing=True, root_BT=root_BT)
 
     with jax.named_scope("accept"):
         p = filter_probs(logits.reshape(b * t, -1), jnp.repeat(s.temperature_B, t),
@@ -221,12 +229,22 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         p = p.reshape(b, t, -1)
         key_B, use = split_rows(key_B)
         n_acc, nxt = rejection_sample_chain(use, drafts, q, p)
+        n_new = n_acc + 1
+        if cfg.budget_prune and routing is not None:
+            # Position f lost an expert under the budget, so p_f (and every later p) is
+            # not the target's. Drafts d_1..d_f were tested against valid p_0..p_{f-1}:
+            # if all passed, commit them without a bonus token (the root, position 0,
+            # always keeps its experts, so f >= 1 and the row still advances).
+            alive_BT = jnp.all(routing < cfg.num_experts, axis=(2, 3))
+            f = jnp.min(jnp.where(alive_BT, t, jnp.arange(t)[None, :]), axis=1)
+            cut = n_acc >= f
+            n_acc = jnp.where(cut, f, n_acc)
+            n_new = jnp.where(cut, f, n_new)
 
     with jax.named_scope("commit"):
         j = jnp.arange(t, dtype=jnp.int32)[None, :]
         drafts_pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
         new_BT = jnp.where(j < n_acc[:, None], drafts_pad, nxt[:, None])
-        n_new = n_acc + 1
         # stop tokens: keep up to and including the first stop token
         is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new[:, None])
         first_stop = jnp.min(jnp.where(is_stop, j, t), axis=1)
