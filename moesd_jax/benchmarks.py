@@ -82,3 +82,57 @@ def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int =
         rows.append({"active": n_used, "ms": sec * 1e3, "weight_bytes": wbytes,
                      "gb_per_s": wbytes / sec / 1e9})
     return rows
+
+
+def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_new: int = 64,
+               batch: int = 10, max_len: int = 512) -> list[dict]:
+    """Greedy AR vs speculative decoding over ``prompts`` for each config, in one run.
+
+    Each config is ``none``, ``chain:K``, ``ngram:K`` or ``tree:NAME``. The first call of
+    each decoder (compilation) is excluded from timing by a warm-up batch. Every SD config
+    is checked to reproduce the AR tokens exactly.
+
+    Returns:
+      one dict per config: config, mean_acceptance_length (token-weighted over prompts:
+      1 + accepted / iterations), tokens_per_s (median over batches), speedup vs AR
+      (ratio of medians), equal_to_ar.
+    """
+    from moesd_jax.config import SpecConfig
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    def make(c: str):
+        if c == "none":
+            return SpecDecoder(target, spec=SpecConfig(method="none"), max_len=max_len)
+        kind, _, arg = c.partition(":")
+        if kind == "chain":
+            return SpecDecoder(target, draft, SpecConfig(method="draft", k=int(arg)),
+                               max_len=max_len)
+        if kind == "ngram":
+            return SpecDecoder(target, spec=SpecConfig(method="ngram", k=int(arg)),
+                               max_len=max_len)
+        if kind == "tree":
+            return SpecDecoder(target, draft, SpecConfig(method="draft", tree=arg),
+                               max_len=max_len)
+        raise ValueError(f"config {c!r} must be none, chain:K, ngram:K or tree:NAME")
+
+    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    rows, ar_tokens, ar_rate = [], None, None
+    for c in ["none"] + [c for c in configs if c != "none"]:
+        dec = make(c)
+        dec.generate(batches[0], max_new)  # compile
+        toks, rates, acc, its = [], [], 0, 0
+        for bt in batches:
+            t0 = time.perf_counter()
+            res = dec.generate(bt, max_new)
+            dt = time.perf_counter() - t0
+            rates.append(sum(len(r.token_ids) for r in res) / dt)
+            toks += [r.token_ids for r in res]
+            acc += sum(r.stats["accepted"] for r in res)
+            its += sum(r.stats["iterations"] for r in res)
+        rate = statistics.median(rates)
+        if c == "none":
+            ar_tokens, ar_rate = toks, rate
+        rows.append({"config": c, "mean_acceptance_length": 1 + acc / max(its, 1),
+                     "tokens_per_s": rate, "speedup": rate / ar_rate,
+                     "equal_to_ar": toks == ar_tokens})
+    return rows
