@@ -187,6 +187,26 @@ def _is_stop(tok, stop_ids_BS):
     return jnp.any(tok[:, :, None] == stop_ids_BS[:, None, :], axis=-1)
 
 
+def _append(s: DecodeState, new_BT, n_new_B, active_B):
+    """Appends the first ``n_new`` of ``new_BT`` to each active row's buffer.
+
+    Cuts at the first stop token (kept) and at the row's token limit. Returns (tokens,
+    seq_len, done, n_new actually appended).
+    """
+    b, w = new_BT.shape
+    j = jnp.arange(w, dtype=jnp.int32)[None, :]
+    is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new_B[:, None])
+    first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
+    n_new = jnp.minimum(n_new_B, first_stop + 1)
+    n_new = jnp.minimum(n_new, s.max_total_B - s.seq_len_B)
+    n_new = jnp.where(active_B, n_new, 0)
+    wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, s.tokens_BN.shape[1])
+    tokens = s.tokens_BN.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
+    seq_len = s.seq_len_B + n_new
+    done = s.done_B | (active_B & ((first_stop + 1 <= n_new) | (seq_len >= s.max_total_B)))
+    return tokens, seq_len, done, n_new
+
+
 def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     """One draft -> verify -> accept -> commit iteration for every active row."""
     if cfg.tree is not None and cfg.k_eff > 0:
@@ -245,17 +265,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         j = jnp.arange(t, dtype=jnp.int32)[None, :]
         drafts_pad = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
         new_BT = jnp.where(j < n_acc[:, None], drafts_pad, nxt[:, None])
-        # stop tokens: keep up to and including the first stop token
-        is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new[:, None])
-        first_stop = jnp.min(jnp.where(is_stop, j, t), axis=1)
-        n_new = jnp.minimum(n_new, first_stop + 1)
-        # token limit
-        n_new = jnp.minimum(n_new, s.max_total_B - s.seq_len_B)
-        n_new = jnp.where(active, n_new, 0)
-        wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, n)  # n -> dropped
-        tokens = s.tokens_BN.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
-        seq_len = s.seq_len_B + n_new
-        done = s.done_B | (active & ((first_stop + 1 <= n_new) | (seq_len >= s.max_total_B)))
+        tokens, seq_len, done, n_new = _append(s, new_BT, n_new, active)
         tcache = tcache.replace(lengths=seq_len - 1)
 
     st = s.stats
@@ -321,16 +331,7 @@ def _tree_step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         path_tok = jnp.take_along_axis(node_tok, path_BP, axis=1)  # [B, D+1], root first
         drafts_pad = jnp.concatenate([path_tok[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         new_BT = jnp.where(j < n_acc[:, None], drafts_pad, nxt[:, None])
-        n_new = n_acc + 1
-        is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new[:, None])
-        first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
-        n_new = jnp.minimum(n_new, first_stop + 1)
-        n_new = jnp.minimum(n_new, s.max_total_B - s.seq_len_B)
-        n_new = jnp.where(active, n_new, 0)
-        wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, n)  # n -> dropped
-        tokens = s.tokens_BN.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
-        seq_len = s.seq_len_B + n_new
-        done = s.done_B | (active & ((first_stop + 1 <= n_new) | (seq_len >= s.max_total_B)))
+        tokens, seq_len, done, n_new = _append(s, new_BT, n_acc + 1, active)
         # root + accepted nodes -> positions pos0 .. pos0 + n_acc; the target cache then
         # holds seq_len - 1 entries (the new token is pending)
         tcache = compact(tcache, path_BP, n_new)
