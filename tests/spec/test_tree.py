@@ -23,6 +23,7 @@ from moesd_jax.spec.tree import (
     validate_paths,
 )
 from tests.helpers import build, dense_cfg, moe_cfg, perturbed_copy
+from tests.spec.chisq import make_pair, samples, two_sample_p
 
 SHIPPED = {"tree-chain4": 4, "tree-7": 7, "tree-15": 15, "tree-31": 31, "tree-63": 63}
 
@@ -309,42 +310,14 @@ def test_tree_needs_a_draft_model(models):
 # --------------------------------------------------------------------------------------
 # lossless sampling end to end: chi-square against AR (as tests/spec/test_sampling.py)
 
-N = 20_000
-V = 8
-PROMPT = [1, 2, 3]
-
-
-def _sharpen(model, factor):
-    model.lm_head_DV[...] = model.lm_head_DV[...] * factor
-    return model
-
-
 @pytest.fixture(scope="module")
 def pair():
-    target = _sharpen(build(moe_cfg(vocab=V, layers=1, d=16, max_len=16), seed=0), 6.0)
-    draft = _sharpen(build(dense_cfg(vocab=V, d=16, max_len=16), seed=5), 6.0)
-    return target, draft
-
-
-def _samples(dec) -> np.ndarray:
-    res = dec.generate([PROMPT] * N, 3, temperature=1.0, seed=list(range(N)))
-    toks = np.array([r.token_ids for r in res])
-    assert toks.shape == (N, 3)
-    return toks[:, 0] * V * V + toks[:, 1] * V + toks[:, 2]
-
-
-def _two_sample_p(a, b) -> float:
-    ca, cb = np.bincount(a, minlength=V**3), np.bincount(b, minlength=V**3)
-    rare = (ca + cb) < 10
-    table = np.stack([np.append(ca[~rare], ca[rare].sum()),
-                      np.append(cb[~rare], cb[rare].sum())])
-    table = table[:, table.sum(0) > 0]
-    return stats.chi2_contingency(table)[1]
+    return make_pair()
 
 
 @pytest.fixture(scope="module")
 def ar_samples(pair):
-    return _samples(SpecDecoder(pair[0], max_len=16, prompt_bucket=4))
+    return samples(SpecDecoder(pair[0], max_len=16, prompt_bucket=4))
 
 
 def _tree_sd(pair):
@@ -353,7 +326,7 @@ def _tree_sd(pair):
 
 
 def test_sampled_tree_sd_matches_target_distribution(pair, ar_samples):
-    p = _two_sample_p(ar_samples, _samples(_tree_sd(pair)))
+    p = two_sample_p(ar_samples, samples(_tree_sd(pair)))
     print(f"chi-square p (tree-7 SD vs AR) = {p:.4f}")
     assert p >= 0.001
 
@@ -363,6 +336,6 @@ def test_sampled_tree_sd_matches_target_distribution(pair, ar_samples):
 def test_broken_sibling_rule_is_detected(pair, ar_samples, monkeypatch):
     # broken on purpose: a rejected sibling's draft mass is not subtracted from the target
     monkeypatch.setattr(tree_mod, "_sibling_rejected", lambda p, q, tok: (p, _q_without(q, tok)))
-    p = _two_sample_p(ar_samples, _samples(_tree_sd(pair)))
+    p = two_sample_p(ar_samples, samples(_tree_sd(pair)))
     print(f"chi-square p (tree-7, broken sibling rule vs AR) = {p:.2e}")
     assert p < 0.001
