@@ -135,6 +135,8 @@ def _with_dispatch(cfg: ModelConfig, dispatch: str | None) -> ModelConfig:
 def _restore_target(abstract_state: nnx.State, shardings: Any) -> dict:
     """Pure-dict tree of ShapeDtypeStruct(sharding=...) for orbax's abstract restore."""
     pure = nnx.to_pure_dict(abstract_state)
+    if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+        shardings = shardings(abstract_state)  # e.g. ShardingPlan.param_shardings
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -182,8 +184,9 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
       dispatch: override the MoE dispatch backend stored in the config.
       shardings: where the parameters go: None (first device), one ``Sharding`` for all,
         or a pytree of Shardings matching ``nnx.state(model)`` (an ``nnx.State`` or its
-        pure dict). Checkpoints are restored straight into these shardings; HF weights
-        are ``device_put`` after import.
+        pure dict), or a callable mapping the abstract state to such a pytree (e.g.
+        ``ShardingPlan.param_shardings``). Checkpoints are restored straight into these
+        shardings; HF weights are ``device_put`` after import.
       verify: compare each restored parameter with the CRC32 stored at save time.
 
     Returns:

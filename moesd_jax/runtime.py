@@ -25,7 +25,7 @@ class LoadedModels:
 
 def load_models(model: str | None = None, draft: str | None = None, spec: str | None = None,
                 k: int = 4, tree: str | None = None, dispatch: str | None = None,
-                ngram_n: int = 2) -> LoadedModels:
+                ngram_n: int = 2, mesh=None) -> LoadedModels:
     """Loads the target (and draft) from orbax checkpoints or HF directories.
 
     Args:
@@ -35,6 +35,8 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         bundled pair is used, else ``none``.
       k: draft tokens per iteration. tree: named tree (``configs/spec``) or YAML path.
       dispatch: override the MoE dispatch backend.
+      mesh: sharding strategy (name, MeshConfig or ShardingPlan): parameters are restored
+        straight into their shardings, never gathered on one device first.
     """
     from moesd_jax.checkpoint import bundled_model_dir, load_model
 
@@ -49,13 +51,18 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
     spec_cfg.validate()
     if not Path(target_path).exists():
         raise ConfigError(f"--model {target_path!r} does not exist")
-    target, tok = load_model(target_path, dispatch=dispatch)
+    shardings = None
+    if mesh is not None:
+        from moesd_jax import sharding
+
+        shardings = sharding.as_plan(mesh).param_shardings
+    target, tok = load_model(target_path, dispatch=dispatch, shardings=shardings)
     draft_model, draft_path = None, None
     if spec == "draft":
         draft_path = str(draft) if draft else str(bundled_model_dir("draft"))
         if not Path(draft_path).exists():
             raise ConfigError(f"--draft {draft_path!r} does not exist")
-        draft_model, _ = load_model(draft_path, dispatch=dispatch)
+        draft_model, _ = load_model(draft_path, dispatch=dispatch, shardings=shardings)
         if draft_model.cfg.vocab_size != target.cfg.vocab_size:
             raise ConfigError(f"draft vocab_size={draft_model.cfg.vocab_size} != target "
                               f"vocab_size={target.cfg.vocab_size}: not the same tokenizer")

@@ -88,7 +88,7 @@ def load(args):
 
         initialize_distributed()
     return load_models(args.model, args.draft, args.spec, k=args.k, tree=args.tree,
-                       dispatch=args.dispatch)
+                       dispatch=args.dispatch, mesh=args.mesh)
 
 
 if __name__ == "__main__":
