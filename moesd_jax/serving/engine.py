@@ -890,16 +890,15 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
     Returns:
       (engine, tokenizer or None, default model name).
     """
-    from moesd_jax.checkpoint import bundled_model_dir, load_model
+    from moesd_jax.runtime import load_models
 
     spec = spec or SpecConfig()
     bundled = model is None
-    model_dir = Path(model) if model is not None else bundled_model_dir("target")
-    target, tok = load_model(model_dir, dispatch=dispatch)
-    draft_model = None
-    if spec.method == "draft":
-        draft_dir = Path(draft) if draft is not None else bundled_model_dir("draft")
-        draft_model, _ = load_model(draft_dir, dispatch=dispatch)
+    lm = load_models(None if model is None else str(model),
+                     None if draft is None else str(draft), spec.method, k=spec.k,
+                     tree=spec.tree, dispatch=dispatch, ngram_n=spec.ngram_n, mesh=mesh)
+    target, draft_model, tok = lm.target, lm.draft, lm.tokenizer
+    model_dir = Path(lm.target_path)
     if tokenizer is not None:
         from moesd_jax.data import load_tokenizer
 
