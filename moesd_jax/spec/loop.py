@@ -187,6 +187,15 @@ def _is_stop(tok, stop_ids_BS):
     return jnp.any(tok[:, :, None] == stop_ids_BS[:, None, :], axis=-1)
 
 
+def _target_probs(s: DecodeState, logits_BTV):
+    """Each row's sampling filter applied at every verified position: [B, T, V]."""
+    b, t, v = logits_BTV.shape
+    rep = lambda x: jnp.repeat(x, t)  # noqa: E731  row params -> (row, position)
+    p = filter_probs(logits_BTV.reshape(b * t, v), rep(s.temperature_B), rep(s.top_k_B),
+                     rep(s.top_p_B))
+    return p.reshape(b, t, v)
+
+
 def _append(s: DecodeState, new_BT, n_new_B, active_B):
     """Appends the first ``n_new`` of ``new_BT`` to each active row's buffer.
 
@@ -244,9 +253,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
                                         return_routing=True, root_BT=root_BT)
 
     with jax.named_scope("accept"):
-        p = filter_probs(logits.reshape(b * t, -1), jnp.repeat(s.temperature_B, t),
-                         jnp.repeat(s.top_k_B, t), jnp.repeat(s.top_p_B, t))
-        p = p.reshape(b, t, -1)
+        p = _target_probs(s, logits)
         key_B, use = split_rows(key_B)
         n_acc, nxt = rejection_sample_chain(use, drafts, q, p)
         n_new = n_acc + 1
@@ -318,9 +325,7 @@ def _tree_step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
                                         token_valid_BT=valid_BT, return_routing=True)
 
     with jax.named_scope("accept"):
-        p = filter_probs(logits.reshape(b * t, -1), jnp.repeat(s.temperature_B, t),
-                         jnp.repeat(s.top_k_B, t), jnp.repeat(s.top_p_B, t))
-        p = p.reshape(b, t, -1)
+        p = _target_probs(s, logits)
         key_B, use = split_rows(key_B)
         path_BP, n_acc, nxt = spec_tree.rejection_sample_tree(
             tree, use, node_tok, q, p, s.temperature_B <= 0.0)
