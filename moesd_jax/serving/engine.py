@@ -33,7 +33,6 @@ import functools
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +44,26 @@ import numpy as np
 
 from moesd_jax.config import SpecConfig
 from moesd_jax.kv_cache import KVCache
+from moesd_jax.serving.requests import (  # noqa: F401  (re-exported API)
+    EngineClosedError,
+    EngineError,
+    EnginePolicy,
+    QueueFullError,
+    RequestError,
+    RequestHandle,
+    SamplingParams,
+    StepPlan,
+    StreamEvent,
+)
+from moesd_jax.serving.slots import (  # noqa: F401
+    UNIQUE_EXPERT_BUCKETS,
+    EngineCounters,
+    default_buckets,
+    insert,
+    is_row_field,
+    place_models,
+    retire,
+)
 from moesd_jax.spec import loop
 from moesd_jax.spec.decoder import SpecDecoder
 from moesd_jax.spec.loop import DecodeState, Stats
@@ -85,293 +104,6 @@ def _reset_jax_cache() -> None:
         compilation_cache.reset_cache()
     except (ImportError, AttributeError):  # pragma: no cover - private API moved
         pass
-
-
-# ---------------------------------------------------------------------------------------
-# errors
-
-
-class EngineError(Exception):
-    """Base class of the engine's request errors."""
-
-
-class RequestError(EngineError, ValueError):
-    """The request is invalid (the message names the field or the limit)."""
-
-
-class QueueFullError(EngineError):
-    """The waiting queue holds ``max_queue`` requests already."""
-
-
-class EngineClosedError(EngineError):
-    """The engine is shutting down (or stopped) and admits no new requests."""
-
-
-# ---------------------------------------------------------------------------------------
-# requests and their streams
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation parameters (one row of the batch).
-
-    Attributes:
-      max_tokens: new-token limit (>= 1).
-      temperature: 0 = greedy.
-      top_k: 0 = off. top_p: 1 = off.
-      seed: per-request seed; the row's random stream does not depend on the batch.
-      stop_token_ids: tokens that end the request (kept in the output); None = the
-        engine's EOS ids.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] | None = None
-
-
-@dataclasses.dataclass
-class StreamEvent:
-    """What a request's stream yields.
-
-    ``token_ids`` are the tokens new since the previous event. The last event has
-    ``finished=True``, the ``finish_reason`` (``stop``: a stop token or a caller-side
-    stop; ``length``: max_tokens; ``abort``: cancelled; ``error``), all generated tokens
-    in ``all_token_ids`` and the request's speculation ``stats``.
-    """
-
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None
-    all_token_ids: list[int] | None = None
-    stats: dict | None = None
-    error: str | None = None
-
-
-class RequestHandle:
-    """The caller's side of a request: an (async or sync) iterator of StreamEvents.
-
-    Created by :meth:`Engine.submit`. When submitted from a running asyncio loop the
-    events are delivered into that loop (``async for ev in handle``); otherwise into a
-    thread-safe queue (``for ev in handle``). :meth:`cancel` frees the slot.
-    """
-
-    def __init__(self, engine: Engine, request_id: str, prompt_ids: list[int],
-                 params: SamplingParams, loop_: asyncio.AbstractEventLoop | None):
-        self.engine = engine
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self._loop = loop_
-        self._aq: asyncio.Queue | None = asyncio.Queue() if loop_ is not None else None
-        self._q: queue.Queue | None = None if loop_ is not None else queue.Queue()
-        self.finished = False
-        self.cancel_reason: str | None = None
-        # engine-side bookkeeping
-        self.slot: int | None = None
-        self.submitted_at = time.monotonic()
-        self.tokens: list[int] = []
-        self.prev_stats = None
-        self._args: tuple | None = None  # prefill arguments until admitted
-
-    # engine thread -> caller
-    def _push(self, ev: StreamEvent) -> None:
-        if self._loop is None:
-            self._q.put(ev)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
-
-    def cancel(self, reason: str = "abort") -> None:
-        """Stops the request (idempotent); its final event carries ``reason``."""
-        self.engine.cancel(self, reason)
-
-    def __aiter__(self):
-        return self._aiter()
-
-    async def _aiter(self):
-        if self._aq is None:
-            raise TypeError("this request was submitted outside an asyncio loop: use `for`")
-        while True:
-            ev = await self._aq.get()
-            yield ev
-            if ev.finished:
-                return
-
-    def __iter__(self):
-        if self._q is None:
-            raise TypeError("this request was submitted inside an asyncio loop: use `async for`")
-        while True:
-            ev = self._q.get()
-            yield ev
-            if ev.finished:
-                return
-
-    def result(self, timeout: float | None = None) -> StreamEvent:
-        """Blocks until the request finishes (sync handles); returns the final event."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            ev = self._q.get(timeout=left)
-            if ev.finished:
-                return ev
-
-
-# ---------------------------------------------------------------------------------------
-# the speculation policy hook
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-    """What the next step runs with: per-slot K (``k_B``) and a verify expert budget.
-
-    ``k_B[i] <= LoopConfig.k`` is the number of draft tokens slot i may use; ``budget`` is
-    the per-layer expert budget of the verification forward (None = unbudgeted).
-    """
-
-    k_B: np.ndarray
-    budget: int | None = None
-
-
-class EnginePolicy:
-    """Decides, before every step, each slot's K and the verify-time expert budget.
-
-    This is the place for a per-request K controller (Cascade: speculation utility per
-    request, K=0 for rows where drafting does not pay) and for an expert-budget policy
-    (MoE-Spec / the lossless budget of DESIGN.md, e.g. a tighter budget at large batch).
-    The compiled step has a static K_max = ``LoopConfig.k``; a per-slot K becomes a mask
-    over the K_max draft positions in the DecodeState (masked drafts must dispatch to no
-    expert), and the budget a static argument choosing one of a few compiled variants.
-
-    The loop does not take a K mask or a budget yet, so the engine accepts only the plan
-    of this default policy (every active slot at K_max, no budget) and raises otherwise.
-    """
-
-    def plan(self, engine: Engine, requests: Sequence[RequestHandle | None]) -> StepPlan:
-        """``requests[i]`` is the request in slot i (None = free slot)."""
-        k = engine.cfg.k_eff
-        return StepPlan(np.array([k if r is not None else 0 for r in requests], np.int32))
-
-
-# ---------------------------------------------------------------------------------------
-# state surgery (pure functions, jitted by the engine)
-
-
-def _update_rows(big: jax.Array, small: jax.Array, slot: jax.Array, axis: int) -> jax.Array:
-    idx = [jnp.zeros((), jnp.int32)] * big.ndim
-    idx[axis] = slot.astype(jnp.int32)
-    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), idx)
-
-
-def _insert_cache(big: KVCache | None, small: KVCache | None, slot) -> KVCache | None:
-    if big is None:
-        return None
-    return KVCache(_update_rows(big.k, small.k, slot, 1), _update_rows(big.v, small.v, slot, 1),
-                   _update_rows(big.lengths, small.lengths, slot, 0))
-
-
-def _is_row_field(name: str) -> bool:
-    """Stats fields named ``*_B*`` are per row; the others (``unique_experts_L``,
-    ``verify_steps``) are totals over the batch and are kept."""
-    return "_B" in name
-
-
-def insert(state: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState:
-    """Writes the batch-1 state ``row`` into row ``slot`` of ``state``.
-
-    Every per-row leaf has its batch on axis 0, except the caches' k/v ``[L, B, S, G, Dh]``
-    (axis 1). Batch-total statistics of ``state`` are kept.
-    """
-    out = {}
-    for f in dataclasses.fields(state):
-        big, small = getattr(state, f.name), getattr(row, f.name)
-        if isinstance(big, KVCache) or big is None:
-            out[f.name] = _insert_cache(big, small, slot)
-        elif isinstance(big, Stats):
-            out[f.name] = big.replace(**{
-                g.name: _update_rows(getattr(big, g.name), getattr(small, g.name), slot, 0)
-                for g in dataclasses.fields(big) if _is_row_field(g.name)})
-        else:
-            out[f.name] = jax.tree.map(lambda a, b: _update_rows(a, b, slot, 0), big, small)
-    return state.replace(**out)
-
-
-def retire(state: DecodeState, mask_B: jax.Array) -> DecodeState:
-    """Marks the rows in ``mask_B`` done: they stop computing and dispatch to no expert."""
-    return state.replace(done_B=state.done_B | mask_B)
-
-
-def _place(target, draft):
-    """Commits single-device parameters explicitly to their device.
-
-    Whether arrays are committed changes the lowered program (and so the persistent
-    compilation cache key): a model built in memory (uncommitted) and the same model
-    restored from a checkpoint (committed) would otherwise compile twice. Parameters
-    sharded over several devices are left as they are.
-
-    Returns:
-      (target, draft, the single-device sharding, or None when sharded).
-    """
-    devices = {d for x in jax.tree.leaves((target[1], None if draft is None else draft[1]))
-               for d in x.sharding.device_set}
-    if len(devices) != 1:
-        return target, draft, None
-    sharding = jax.sharding.SingleDeviceSharding(devices.pop())
-    put = lambda m: None if m is None else (m[0], jax.device_put(m[1], sharding))
-    return put(target), put(draft), sharding
-
-
-def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
-    """Prompt buckets: powers of two from ``smallest`` up to ``max_len`` (inclusive)."""
-    out, b = [], smallest
-    while b < max_len:
-        out.append(b)
-        b *= 2
-    out.append(max_len)
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------
-# counters for /metrics
-
-
-UNIQUE_EXPERT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-
-
-@dataclasses.dataclass
-class EngineCounters:
-    """Cumulative counters (vLLM's spec-decode metrics); read under ``Engine.lock``."""
-
-    k: int
-    num_drafts: int = 0  # verify steps of a row with K > 0 drafts
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
-    generation_tokens: int = 0
-    prompt_tokens: int = 0
-    finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    verify_steps: int = 0
-    engine_steps: int = 0
-    # histogram of mean (over MoE layers) distinct experts per verification forward
-    unique_bucket_counts: list[int] = dataclasses.field(
-        default_factory=lambda: [0] * (len(UNIQUE_EXPERT_BUCKETS) + 1))
-    unique_sum: float = 0.0
-    unique_last: float = 0.0
-
-    def __post_init__(self):
-        if not self.accepted_per_pos:
-            self.accepted_per_pos = [0] * self.k
-
-    def observe_unique(self, x: float) -> None:
-        i = next((j for j, b in enumerate(UNIQUE_EXPERT_BUCKETS) if x <= b),
-                 len(UNIQUE_EXPERT_BUCKETS))
-        self.unique_bucket_counts[i] += 1
-        self.unique_sum += x
-        self.unique_last = x
 
 
 # ---------------------------------------------------------------------------------------
@@ -426,7 +158,7 @@ class Engine:
         self.policy = policy or EnginePolicy()
         self.plan = getattr(self.decoder, "plan", None)
         if self.plan is None:
-            self._target, self._draft, self._sharding = _place(self.decoder.target,
+            self._target, self._draft, self._sharding = place_models(self.decoder.target,
                                                                self.decoder.draft)
         else:
             self.plan.validate_batch(slots)
@@ -495,7 +227,7 @@ class Engine:
                 out[f.name] = plan.cache_shardings()
             elif isinstance(x, Stats):
                 out[f.name] = x.replace(**{
-                    g.name: rows(getattr(x, g.name)) if _is_row_field(g.name) else replicated
+                    g.name: rows(getattr(x, g.name)) if is_row_field(g.name) else replicated
                     for g in dataclasses.fields(x)})
             else:
                 out[f.name] = jax.tree.map(rows, x)
