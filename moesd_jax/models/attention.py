@@ -45,9 +45,12 @@ class Attention(nnx.Module):
         d, h, g, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dh
         dt = cfg.param_dtype
         self.cfg = cfg
-        self.wq_DHK = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), dt)
-        self.wk_DGK = param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), dt)
-        self.wv_DGK = param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), dt)
+        # fan-in of the projections is d (param's default would take the head count)
+        self.wq_DHK = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), dt, scale=d**-0.5)
+        self.wk_DGK = param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), dt,
+                            scale=d**-0.5)
+        self.wv_DGK = param(rngs, (d, g, dh), ("embed", "kv_heads", "head_dim"), dt,
+                            scale=d**-0.5)
         self.wo_HKD = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), dt,
                             scale=(h * dh) ** -0.5)
         if cfg.qkv_bias:
