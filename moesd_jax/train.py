@@ -2,7 +2,8 @@
 
 * optax AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm clip;
 * the jitted step works on ``nnx.split`` state (a pure pytree), not ``nnx.jit``;
-* MoE layers train through the differentiable float32 ``dense`` dispatch and add a
+* MoE layers train through a differentiable float32 dispatch (``dense``: exact, every
+  expert; ``capacity``: GShard-style per-expert capacity, about the active FLOPs) and add a
   Switch-Transformer load-balancing loss ``E * sum_e f_e * P_e`` (averaged over MoE
   layers, times ``aux_coef``) so that every expert keeps receiving tokens;
 * a draft can learn from data (CE) or from a teacher's logits: ``KL(teacher || student)``
@@ -58,6 +59,7 @@ class TrainConfig:
     eval_windows: int = 32
     ckpt_every: int = 200
     time_budget_min: float | None = None
+    stop_at: int | None = None  # stop (and export) at this step; the schedule keeps `steps`
     dispatch: str = "dense"  # MoE backend while training (must be differentiable)
     teacher_dispatch: str | None = "capacity2"  # MoE backend of the teacher's forward
 
@@ -384,6 +386,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
     from moesd_jax.data import batch_iterator
 
     out = Path(out)
+    if tc.steps < 1 or (tc.stop_at is not None and tc.stop_at < 1):
+        raise ValueError(f"steps={tc.steps} and stop_at={tc.stop_at} must be >= 1")
+    end = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
     out.mkdir(parents=True, exist_ok=True)
     if teacher is not None and teacher.cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"teacher vocab_size={teacher.cfg.vocab_size} != model vocab_size="
@@ -425,7 +430,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
     mark_t, mark_step = time.time(), start
     stopped_early = False
     try:
-        while step < tc.steps:
+        while step < end:
             batch = jnp.asarray(next(batches))
             if teacher_params is not None:
                 params, opt_state, m = step_fn(params, opt_state, batch, teacher_params)
@@ -433,7 +438,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
                 params, opt_state, m = step_fn(params, opt_state, batch)
             step += 1
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == end:
                 m = {k: float(v) for k, v in m.items()}
                 now = time.time()
                 tps = (step - mark_step) * tok_per_step / max(now - mark_t, 1e-9)
@@ -457,7 +462,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
                 break
     finally:
         bar.close()
-    save_train_state(mngr, step, params, opt_state)
+    if step < tc.steps:
+        stopped_early = True
+    if mngr.latest_step() != step:
+        save_train_state(mngr, step, params, opt_state)
     final = export_model(params, graphdef, cfg, out / "final", tokenizer_dir)
     summary: dict[str, Any] = {"steps": step, "stopped_early": stopped_early,
                                "last": last, "params": counts, "export": str(final),

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget-min", type=float, default=None,
                     help="stop (and export) after this many minutes")
+    ap.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                    help="stop (and export) at STEP without changing the --steps schedule; "
+                         "--resume continues from there")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -103,7 +106,7 @@ def run(args) -> int:
                      aux_coef=args.aux_coef, distill_alpha=args.distill_alpha,
                      seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
                      eval_windows=args.eval_windows, ckpt_every=args.ckpt_every,
-                     time_budget_min=args.time_budget_min,
+                     time_budget_min=args.time_budget_min, stop_at=args.stop_at,
                      dispatch=args.dispatch)
     print(json.dumps({"params": count_params(cfg)}))
     teacher = None
