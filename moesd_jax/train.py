@@ -363,6 +363,22 @@ def export_model(model_state, graphdef, cfg: ModelConfig, path: Path,
 # the loop
 
 
+def init_training(cfg: ModelConfig, tc: TrainConfig, teacher: Transformer | None = None):
+    """Fresh float32 state of ``cfg`` and its jitted step.
+
+    Returns:
+      ``(graphdef, params, opt_state, teacher_params, step_fn)``; ``teacher_params`` is
+      None without a teacher, else the extra argument ``step_fn`` takes.
+    """
+    graphdef, params = nnx.split(Transformer(training_config(cfg), nnx.Rngs(tc.seed)))
+    optimizer = make_optimizer(tc)
+    teacher_graphdef = teacher_params = None
+    if teacher is not None:
+        teacher_graphdef, teacher_params = nnx.split(teacher)
+    step_fn = make_train_step(graphdef, optimizer, tc, teacher_graphdef)
+    return graphdef, params, optimizer.init(params), teacher_params, step_fn
+
+
 def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.ndarray,
           heldout_tokens: np.ndarray | None = None, teacher: Transformer | None = None,
           resume: bool = False, tokenizer_dir: str | Path | None = None,
@@ -393,15 +409,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
     if teacher is not None and teacher.cfg.vocab_size != cfg.vocab_size:
         raise ValueError(f"teacher vocab_size={teacher.cfg.vocab_size} != model vocab_size="
                          f"{cfg.vocab_size}")
-    tcfg = training_config(cfg)
-    model = Transformer(tcfg, nnx.Rngs(tc.seed))
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(tc)
-    opt_state = optimizer.init(params)
-    teacher_graphdef = teacher_params = None
-    if teacher is not None:
-        teacher_graphdef, teacher_params = nnx.split(teacher)
-    step_fn = make_train_step(graphdef, optimizer, tc, teacher_graphdef)
+    graphdef, params, opt_state, teacher_params, step_fn = init_training(cfg, tc, teacher)
 
     mngr = _ckpt_manager(out / "ckpt")
     start = 0

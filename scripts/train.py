@@ -130,19 +130,10 @@ def bench(cfg, tc, teacher, n: int) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from moesd_jax.models.transformer import Transformer
-    from moesd_jax.train import make_optimizer, make_train_step, training_config
+    from moesd_jax.train import init_training
 
-    model = Transformer(training_config(cfg), nnx.Rngs(0))
-    gd, params = nnx.split(model)
-    opt = make_optimizer(tc)
-    opt_state = opt.init(params)
-    tgd = tp = None
-    if teacher is not None:
-        tgd, tp = nnx.split(teacher)
-    step = make_train_step(gd, opt, tc, tgd)
+    _, params, opt_state, tp, step = init_training(cfg, tc, teacher)
     rng = np.random.default_rng(0)
     batch = jnp.asarray(rng.integers(0, cfg.vocab_size, (tc.batch, tc.seq_len + 1)), jnp.int32)
     extra = (tp,) if tp is not None else ()
