@@ -85,7 +85,7 @@ def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int =
 
 
 def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_new: int = 64,
-               batch: int = 10, max_len: int = 512) -> list[dict]:
+               batch: int = 10, max_len: int | None = None) -> list[dict]:
     """Greedy AR vs speculative decoding over ``prompts`` for each config, in one run.
 
     Each config is ``none``, ``chain:K``, ``ngram:K`` or ``tree:NAME``. The first call of

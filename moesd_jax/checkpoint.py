@@ -175,7 +175,7 @@ def _load_tokenizer(d: Path):
 
 
 def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
-               shardings: Any = None, verify: bool = True):
+               shardings: Any = None, verify: bool = True, param_dtype: str | None = None):
     """Loads a checkpoint written by :func:`save_checkpoint`, or a Hugging Face directory.
 
     Args:
@@ -188,6 +188,10 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
         ``ShardingPlan.param_shardings``). Checkpoints are restored straight into these
         shardings; HF weights are ``device_put`` after import.
       verify: compare each restored parameter with the CRC32 stored at save time.
+      param_dtype: cast the parameters once at load (after verification) and record it in
+        the config, e.g. ``"float32"`` on CPU, where bf16 dots run far slower than f32:
+        the weights are then resident once, in the dtype the forward computes in, instead
+        of being cast on every step. None keeps the stored dtype.
 
     Returns:
       (model, tokenizer or None).
@@ -227,6 +231,10 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{p / CONFIG_NAME}: invalid model config: {e}") from e
     cfg = _with_dispatch(cfg, dispatch)
+    stored_dtype = cfg.param_dtype
+    if param_dtype is not None:
+        cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+        cfg.validate()
     params_dir = p / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{p}: parameter directory {PARAMS_DIR}/ is missing")
@@ -234,7 +242,9 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
     import orbax.checkpoint as ocp
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-    target = _restore_target(abstract, shardings)
+    stored_cfg = dataclasses.replace(cfg, param_dtype=stored_dtype)
+    stored_state = nnx.state(nnx.eval_shape(lambda: Transformer(stored_cfg, nnx.Rngs(0))))
+    target = _restore_target(stored_state, shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(params_dir.resolve(), target)
@@ -253,5 +263,8 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
                     f"{params_dir}: parameter {_key(k)} is corrupted (crc32 {got}, "
                     f"saved as {want})"
                 )
+    if param_dtype is not None:
+        want = nnx.to_pure_dict(abstract)
+        params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, want)
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract), _load_tokenizer(p / TOKENIZER_DIR)

@@ -194,20 +194,29 @@ class SpecConfig:
 
     Attributes:
       method: ``none`` (plain autoregressive), ``draft`` (draft model), ``ngram``
-        (prompt lookup).
+        (prompt lookup), ``oracle`` (benchmarks only: proposes the target's own greedy
+        continuation, given as a reference, each position kept with probability
+        ``oracle_acceptance``, at no cost: isolates the system effect of SD).
       k: draft tokens per iteration (chain length); ignored when ``tree`` is set.
       tree: named tree in ``configs/spec/`` or a path to a YAML tree; None = chain of k.
       ngram_n: n-gram size matched by the prompt-lookup drafter.
+      oracle_acceptance: per-position probability that the oracle drafter proposes the
+        right token.
     """
 
-    method: Literal["none", "draft", "ngram"] = "draft"
+    method: Literal["none", "draft", "ngram", "oracle"] = "draft"
     k: int = 4
     tree: str | None = None
     ngram_n: int = 2
+    oracle_acceptance: float = 0.8
 
     def validate(self, prefix: str = "spec") -> None:
-        if self.method not in ("none", "draft", "ngram"):
-            raise ConfigError(f"{prefix}.method={self.method!r} must be none, draft or ngram")
+        if self.method not in ("none", "draft", "ngram", "oracle"):
+            raise ConfigError(f"{prefix}.method={self.method!r} must be none, draft, ngram "
+                              "or oracle")
+        if not 0.0 <= self.oracle_acceptance <= 1.0:
+            raise ConfigError(f"{prefix}.oracle_acceptance={self.oracle_acceptance} must be "
+                              "in [0, 1]")
         if not 0 <= self.k <= 32:
             raise ConfigError(f"{prefix}.k={self.k} must be in [0, 32]")
         if self.ngram_n < 1:

@@ -13,6 +13,30 @@ from pathlib import Path
 from moesd_jax.config import ConfigError, SpecConfig
 
 
+def keep_host_buffers() -> bool:
+    """Stops glibc from returning freed buffers to the OS (CPU hosts; process-wide).
+
+    XLA:CPU allocates a program's temporaries with malloc on every call. By default glibc
+    serves large blocks with mmap and unmaps them on free, so every decode step page-faults
+    its buffers anew: measured here, a 650 KB copy inside a decode step took 4x longer for
+    it. ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep freed memory in the
+    heap for reuse (the same as ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0``). Called by the
+    CLIs (serve, generate, bench); a library user may call it too. Returns False where
+    there is no glibc (the call then does nothing).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold,
+                                                                       1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclasses.dataclass
 class LoadedModels:
     target: object
@@ -25,7 +49,7 @@ class LoadedModels:
 
 def load_models(model: str | None = None, draft: str | None = None, spec: str | None = None,
                 k: int = 4, tree: str | None = None, dispatch: str | None = None,
-                ngram_n: int = 2, mesh=None) -> LoadedModels:
+                ngram_n: int = 2, mesh=None, param_dtype: str | None = "auto") -> LoadedModels:
     """Loads the target (and draft) from orbax checkpoints or HF directories.
 
     Args:
@@ -37,6 +61,10 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
       dispatch: override the MoE dispatch backend.
       mesh: sharding strategy (name, MeshConfig or ShardingPlan): parameters are restored
         straight into their shardings, never gathered on one device first.
+      param_dtype: dtype the weights are held in. ``auto``: on CPU the model's compute
+        dtype (XLA:CPU runs bf16 dots about 15x slower than f32, and casting bf16 weights
+        on every step costs a copy of them), elsewhere the stored dtype; with no mesh
+        ``auto`` also applies :func:`cpu_decode_layout`. None: as stored.
     """
     from moesd_jax.checkpoint import bundled_model_dir, load_model
 
@@ -56,18 +84,62 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         from moesd_jax import sharding
 
         shardings = sharding.as_plan(mesh).param_shardings
-    target, tok = load_model(target_path, dispatch=dispatch, shardings=shardings)
+    target, tok = load_model(target_path, dispatch=dispatch, shardings=shardings,
+                             param_dtype=_param_dtype(param_dtype, target_path))
     draft_model, draft_path = None, None
     if spec == "draft":
         draft_path = str(draft) if draft else str(bundled_model_dir("draft"))
         if not Path(draft_path).exists():
             raise ConfigError(f"--draft {draft_path!r} does not exist")
-        draft_model, _ = load_model(draft_path, dispatch=dispatch, shardings=shardings)
+        draft_model, _ = load_model(draft_path, dispatch=dispatch, shardings=shardings,
+                                    param_dtype=_param_dtype(param_dtype, draft_path))
         if draft_model.cfg.vocab_size != target.cfg.vocab_size:
             raise ConfigError(f"draft vocab_size={draft_model.cfg.vocab_size} != target "
                               f"vocab_size={target.cfg.vocab_size}: not the same tokenizer")
+    if mesh is None and param_dtype == "auto":
+        cpu_decode_layout(target)
+        if draft_model is not None:
+            cpu_decode_layout(draft_model)
     if tok is None and not model:
         from moesd_jax.data import load_tokenizer
 
         tok = load_tokenizer()
     return LoadedModels(target, draft_model, tok, spec_cfg, target_path, draft_path)
+
+
+def _param_dtype(choice: str | None, path: str) -> str | None:
+    """Resolves ``param_dtype='auto'`` for the checkpoint at ``path`` (see load_models)."""
+    if choice != "auto":
+        return choice
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return None
+    import json
+
+    from moesd_jax.checkpoint import CONFIG_NAME
+
+    try:
+        meta = json.loads((Path(path) / CONFIG_NAME).read_text())
+        return meta["model"].get("compute_dtype", "float32")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a HF directory (imported as float32) or a bad path: load_model says
+
+
+def cpu_decode_layout(model) -> bool:
+    """On CPU, holds a ``gather``-dispatch model's experts as per-expert arrays.
+
+    XLA:CPU copies an expert's slice of a stacked ``[E, D, F]`` array before every dot;
+    per-expert arrays are read in place (``moe.unstack_experts``). Single-device only.
+    Returns whether the layout changed.
+    """
+    import jax
+
+    from moesd_jax.models import moe
+
+    m = model.cfg.moe
+    if jax.default_backend() != "cpu" or m is None:
+        return False
+    if m.dispatch.removesuffix("_budgeted") != "gather":
+        return False
+    return moe.unstack_experts(model) > 0

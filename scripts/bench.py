@@ -7,6 +7,9 @@
   python scripts/bench.py spec [--configs none chain:4 tree:tree-15 ngram:4 --prompts 50]
       greedy AR vs SD on held-out code prompts with the bundled pair (or --model/--draft):
       mean acceptance length, tokens/s, speedup (ratio of medians in one run).
+  python scripts/bench.py hf [--prompts 10 --max-new-tokens 64 --batch 1 8 --k 4]
+      ours AR and SD vs Hugging Face transformers (PyTorch) greedy generate and assisted
+      generation on the same weights (exported float32) and prompts; tokens compared.
 """
 
 from __future__ import annotations
@@ -39,12 +42,40 @@ def main(argv=None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch", type=int, default=10)
     sp.add_argument("--json", action="store_true")
+    hp = sub.add_parser("hf", help="ours AR / SD vs transformers generate / assisted")
+    hp.add_argument("--model", default=None, help="target (default: bundled)")
+    hp.add_argument("--draft", default=None, help="draft (default: bundled)")
+    hp.add_argument("--prompts", type=int, default=10)
+    hp.add_argument("--prompt-tokens", type=int, default=64)
+    hp.add_argument("--max-new-tokens", type=int, default=64)
+    hp.add_argument("--batch", type=int, nargs="+", default=[1, 8],
+                    help="batch sizes (must include 1: HF assisted is batch-1 only)")
+    hp.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    hp.add_argument("--torch-threads", type=int, default=2)
+    hp.add_argument("--json", action="store_true")
+    dc = sub.add_parser("decode", help="AR vs SD (oracle drafter) over batch x K, MoE vs dense")
+    dc.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 2 4 ... 64")
+    dc.add_argument("--k", type=int, nargs="+", default=None, help="default 0 1 2 4 8")
+    dc.add_argument("--model", choices=["moe", "dense", "both"], default="both")
+    dc.add_argument("--oracle-acceptance", type=float, default=0.8)
+    dc.add_argument("--repeats", type=int, default=3)
+    dc.add_argument("--out-dir", default="docs", help="CSV and PNG go here")
+    dc.add_argument("--small", action="store_true",
+                    help="a tiny shape (d 64, 2 layers) to check the harness quickly")
+    dc.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from moesd_jax import benchmarks
+    from moesd_jax.runtime import keep_host_buffers
+
+    keep_host_buffers()
 
     if args.cmd == "spec":
         return spec_cmd(args, benchmarks)
+    if args.cmd == "decode":
+        return decode_cmd(args)
+    if args.cmd == "hf":
+        return hf_cmd(args)
     if args.cmd == "moe-layer":
         if args.top_k > args.experts or min(args.experts, args.d, args.f, args.tokens) < 1:
             print(f"error: need 1 <= --top-k={args.top_k} <= --experts={args.experts} and "
@@ -66,6 +97,73 @@ def main(argv=None) -> int:
     return 0
 
 
+def decode_cmd(args) -> int:
+    from moesd_jax import bench_decode as bd
+
+    batches = args.batch or list(bd.BATCHES)
+    ks = args.k or list(bd.KS)
+    if min(batches) < 1 or min(ks) < 0 or max(ks) > 16:
+        print(f"error: --batch {batches} must be >= 1 and --k {ks} in [0, 16]", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.oracle_acceptance <= 1.0 or args.repeats < 1:
+        print(f"error: --oracle-acceptance={args.oracle_acceptance} must be in [0, 1] and "
+              f"--repeats={args.repeats} >= 1", file=sys.stderr)
+        return 2
+    models = ["moe", "dense"] if args.model == "both" else [args.model]
+    configs = (bd.bench_configs(d_model=64, layers=2, experts=8, top_k=2, expert_dim=64,
+                                vocab=512) if args.small else bd.bench_configs())
+    if not args.json:
+        c = configs["moe"]
+        print(f"# decode: MoE d={c.d_model} L={c.num_layers} E={c.moe.num_experts} "
+              f"top-{c.moe.top_k} F={c.moe.expert_dim} V={c.vocab_size} vs dense of equal "
+              f"active size, float32, random weights, oracle acceptance "
+              f"{args.oracle_acceptance}")
+        print(f"{'model':>5} {'B':>3} {'K':>2} {'AR tok/s':>9} {'SD tok/s':>9} {'speedup':>7} "
+              f"{'acc len':>7} {'ver/step':>8} {'MB/step':>8} {'GB/s':>6} {'of read':>7} "
+              f"{'==AR':>5}", flush=True)
+
+    def show(r):
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        print(f"{r['model']:>5} {r['batch']:>3} {r['k']:>2} {r['ar_tok_per_s']:>9.1f} "
+              f"{r['sd_tok_per_s']:>9.1f} {r['sd_speedup']:>7.2f} "
+              f"{r['mean_acceptance_length']:>7.2f} {r['verify_over_step']:>8.2f} "
+              f"{r['active_weight_bytes_per_step'] / 1e6:>8.0f} "
+              f"{r['active_weight_gb_per_s']:>6.1f} {r['bandwidth_fraction']:>7.0%} "
+              f"{str(r['tokens_equal']):>5}", flush=True)
+
+    rows = bd.decode_sweep(models, batches, ks, args.oracle_acceptance, repeats=args.repeats,
+                           configs=configs, progress=show)
+    paths = bd.write_outputs(rows, args.out_dir)
+    if not args.json:
+        print(f"# read bandwidth (numpy sum) {rows[0]['read_bandwidth_gb_per_s']:.1f} GB/s; "
+              f"peak RSS {max(r['peak_rss_gb'] for r in rows):.2f} GB; wrote "
+              + ", ".join(str(p) for p in paths))
+    return 0 if all(r["tokens_equal"] for r in rows) else 1
+
+
+def step_costs(lm, args) -> dict:
+    """Per-step costs behind the spec table: target T=1 and T=5 forwards, draft T=1."""
+    from flax import nnx
+
+    from moesd_jax.bench_decode import forward_time
+
+    ctx = args.prompt_tokens + args.max_new_tokens // 2
+    cap = -(-(args.prompt_tokens + args.max_new_tokens + 32) // 128) * 128
+    out = {}
+    for name, m in (("target", lm.target), ("draft", lm.draft)):
+        if m is None:
+            continue
+        g, st = nnx.split(m)
+        for t in ((1, 5) if name == "target" else (1,)):
+            out[f"{name} T={t} ms"] = forward_time(g, st, m.cfg, args.batch, t, ctx, cap,
+                                                    repeats=20)[0] * 1e3
+    out["draft_over_target"] = out.get("draft T=1 ms", 0.0) / out["target T=1 ms"]
+    out["verify5_over_step"] = out["target T=5 ms"] / out["target T=1 ms"]
+    return out
+
+
 def spec_cmd(args, benchmarks) -> int:
     from moesd_jax.config import ConfigError
     from moesd_jax.data import heldout_prompts
@@ -82,14 +180,55 @@ def spec_cmd(args, benchmarks) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"rows": rows, "step_costs": step_costs(lm, args)}))
         return 0
     print(f"# spec: {len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, "
           f"greedy, batch {args.batch}; target {lm.target_path}, draft {lm.draft_path}")
+    costs = step_costs(lm, args)
+    print("# step costs (jitted forward, median): " + ", ".join(
+        f"{k} {v:.2f} ms" for k, v in costs.items() if k.endswith("ms")) +
+        f"; draft/target step ratio {costs['draft_over_target']:.2f}, verify(T=5)/step(T=1) "
+        f"{costs['verify5_over_step']:.2f}")
     print(f"{'config':>14} {'accept len':>10} {'tok/s':>8} {'speedup':>8} {'== AR':>6}")
     for r in rows:
         print(f"{r['config']:>14} {r['mean_acceptance_length']:>10.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f} {str(r['equal_to_ar']):>6}")
+    return 0
+
+
+def hf_cmd(args) -> int:
+    from moesd_jax.bench_hf import compare_hf, format_table, validate_args
+    from moesd_jax.config import ConfigError
+    from moesd_jax.data import heldout_prompts
+    from moesd_jax.runtime import load_models
+
+    try:
+        if args.prompt_tokens < 1:
+            raise ValueError(f"--prompt-tokens={args.prompt_tokens} must be >= 1")
+        validate_args(args.prompts, args.max_new_tokens, args.batch, args.k,
+                      args.torch_threads)
+        lm = load_models(args.model, args.draft, "draft")
+        tok = lm.tokenizer
+        if tok is None:
+            raise ValueError(f"{lm.target_path} has no tokenizer: held-out prompts need one")
+        texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
+        prompts = [tok.encode(t) for t in texts]
+        res = compare_hf(lm.target, lm.draft, prompts, args.max_new_tokens, args.batch,
+                         k=args.k, torch_threads=args.torch_threads)
+    except (ValueError, ConfigError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    load = " -> ".join("n/a" if x is None else f"{x:.1f}" for x in res["load_avg_1m"])
+    print(f"# hf: {res['prompts']} held-out prompts x {res['max_new_tokens']} new tokens, "
+          f"greedy, float32 weights on both sides, K={res['k']}; torch "
+          f"{res['torch_version']} (threads={res['torch_threads']}), transformers "
+          f"{res['transformers_version']}; {res['cpus']} CPUs, load average "
+          f"{load}; target {lm.target_path}, "
+          f"draft {lm.draft_path}")
+    print(format_table(res))
     return 0
 
 

@@ -34,7 +34,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-ids", action="append", type=parse_ids, default=[],
                     help="comma-separated token ids (repeatable)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--max-len", type=int, default=None, help="cache capacity per row")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="cache capacity per row (default: sized from the prompts and "
+                         "--max-new-tokens)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -45,7 +47,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from moesd_jax.config import ConfigError
+    from moesd_jax.runtime import keep_host_buffers
     from moesd_jax.spec.decoder import SpecDecoder
+
+    keep_host_buffers()
 
     try:
         if not args.prompt and not args.prompt_ids:
@@ -58,8 +63,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--prompt needs a tokenizer and {lm.target_path} has none; "
                                  "use --prompt-ids")
             prompts = [tok.encode(p) for p in args.prompt] + prompts
-        max_len = args.max_len or lm.target.cfg.max_seq_len
-        dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=max_len, mesh=args.mesh)
+        dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=args.max_len, mesh=args.mesh)
         results = dec.generate(prompts, args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     except (ValueError, ConfigError, FileNotFoundError) as e:

@@ -64,7 +64,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
 
     from moesd_jax.config import ConfigError, SpecConfig
+    from moesd_jax.runtime import keep_host_buffers
     from moesd_jax.serving import api, engine
+
+    keep_host_buffers()
 
     if args.compile_cache != "off":
         engine.enable_compilation_cache(args.compile_cache)

@@ -21,3 +21,33 @@ def test_spec_sweep_checks_equality_with_ar():
     assert all(r["equal_to_ar"] for r in rows)
     assert rows[0]["mean_acceptance_length"] == 1.0
     assert 1.0 <= rows[1]["mean_acceptance_length"] <= 3.0
+
+
+def test_decode_sweep_tiny_shape(tmp_path):
+    """bench.py decode's harness on a tiny MoE/dense pair: every oracle-SD point gives the
+    AR tokens, acceptance rises with the oracle's, bytes count unique routed experts."""
+    from moesd_jax import bench_decode as bd
+
+    cfgs = bd.bench_configs(d_model=32, layers=2, experts=8, top_k=2, expert_dim=32, vocab=128)
+    rows = bd.decode_sweep(["moe", "dense"], [2], [0, 3], acceptance=1.0, n1=2, n2=6,
+                           repeats=1, configs=cfgs)
+    assert [(r["model"], r["k"]) for r in rows] == [("moe", 0), ("moe", 3), ("dense", 0),
+                                                    ("dense", 3)]
+    assert all(r["tokens_equal"] for r in rows)
+    sd = [r for r in rows if r["k"] == 3]
+    assert all(r["mean_acceptance_length"] > 3.0 for r in sd)  # acceptance 1: K+1 per step
+    moe_row, dense_row = rows[0], rows[2]
+    e_bytes = 3 * 32 * 32 * 4
+    # non-expert weights are the same in both models; the MoE step adds routed experts
+    assert moe_row["active_weight_bytes_per_step"] > 0
+    assert (moe_row["total_weight_bytes"] - moe_row["active_weight_bytes_per_step"]) % e_bytes == 0
+    assert dense_row["active_weight_bytes_per_step"] < dense_row["total_weight_bytes"]
+    paths = bd.write_outputs(rows, tmp_path)
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_expected_unique_experts_formula():
+    from moesd_jax.bench_decode import expected_unique_experts
+
+    assert abs(expected_unique_experts(64, 8, 4) - 26.54) < 0.01  # OLMoE (64, 8), T=4
+    assert expected_unique_experts(32, 4, 1) == 4.0

@@ -2,7 +2,9 @@
 
 Queries of step t (T per step) see: every committed cache position s < start_b, plus the
 new block's positions start_b + j for which ``tree_mask[t, j]`` (causal by default).
-Trees pass their ancestor mask; chains and prefill use the causal default.
+Trees pass their ancestor mask; chains and prefill use the causal default. Attention
+reads the cache in blocks up to the longest live row (:func:`cached_attention`), so its
+cost follows the live length, not the cache capacity.
 """
 
 from __future__ import annotations
@@ -15,27 +17,88 @@ from moesd_jax import kv_cache
 from moesd_jax.config import ModelConfig
 from moesd_jax.models.layers import RMSNorm, param, rope
 
+# Masked scores: a finite floor (not -inf) so blocks where a query sees nothing keep the
+# online-softmax arithmetic free of inf - inf.
+MASK_VALUE = -1e30
+# Cache slots per attention block: the loop over blocks stops at the longest live row.
+KV_BLOCK = 128
 
-def build_mask(start_B: jax.Array, t: int, s: int, tree_mask=None) -> jax.Array:
-    """Attention mask [B, T, S] for T new tokens written at ``start_B``.
+
+def build_mask(start_B: jax.Array, t: int, slots_S: jax.Array, tree_mask=None) -> jax.Array:
+    """Attention mask [B, T, S'] of T new tokens written at ``start_B`` over cache slots.
 
     Args:
       start_B: int32 [B] first new position per row (= committed length).
-      t: T new tokens; s: S cache capacity.
+      t: T new tokens.
+      slots_S: int32 [S'] the cache slot indices the mask covers (a block of the cache).
       tree_mask: bool [T, T] or [B, T, T], ``tree_mask[i, j]`` = token j is an ancestor of
         (or is) token i. None = causal.
     """
+    b = start_B.shape[0]
+    s = slots_S.shape[0]
     if tree_mask is None:
         tree_mask = jnp.tril(jnp.ones((t, t), jnp.bool_))
     if tree_mask.ndim == 2:
-        tree_mask = jnp.broadcast_to(tree_mask[None], (start_B.shape[0], t, t))
-    rel_BS = jnp.arange(s, dtype=jnp.int32)[None, :] - start_B[:, None]
+        tree_mask = jnp.broadcast_to(tree_mask[None], (b, t, t))
+    rel_BS = slots_S[None, :] - start_B[:, None]
     in_block_BS = (rel_BS >= 0) & (rel_BS < t)
     idx_BS = jnp.clip(rel_BS, 0, t - 1)
-    block_BTS = jnp.take_along_axis(tree_mask, jnp.broadcast_to(idx_BS[:, None, :],
-                                                                (idx_BS.shape[0], t, s)),
+    block_BTS = jnp.take_along_axis(tree_mask, jnp.broadcast_to(idx_BS[:, None, :], (b, t, s)),
                                     axis=2)
     return (rel_BS < 0)[:, None, :] | (in_block_BS[:, None, :] & block_BTS)
+
+
+def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=None,
+                     block: int = KV_BLOCK):
+    """Attention of T new queries over one layer of the cache, up to the longest live row.
+
+    The cache is read in blocks of ``block`` slots with an online softmax (running max and
+    normaliser, as in flash attention); the number of blocks is ``ceil((max(start_B) + T)
+    / block)``, a run-time bound, so a 64-token context costs the same in a 4,096-slot
+    cache as in a 128-slot one and nothing copies or transposes the whole layer. Static
+    shapes throughout: the last block is clamped inside the cache and its slots already
+    covered by the previous block are masked.
+
+    Args:
+      q_BTGRC: queries [B, T, G, R, C] (R query heads per kv head), RoPE applied.
+      k_cache, v_cache: [L, B, S, G, C] with this step's K/V already written at start_B.
+      layer: static layer index. start_B: int32 [B] committed length per row.
+      tree_mask: see :func:`build_mask`.
+
+    Returns:
+      [B, T, G, R, C] attention output in the queries' dtype.
+    """
+    b, t, g, r, c = q_BTGRC.shape
+    s = k_cache.shape[2]
+    blk = min(block, s)
+    dt = q_BTGRC.dtype
+    q = q_BTGRC.astype(jnp.float32) * (c**-0.5)
+    n_blocks = (jnp.max(start_B) + t + blk - 1) // blk
+    n_blocks = jnp.clip(n_blocks, 1, -(-s // blk))
+
+    def body(i, carry):
+        m_BGRT, l_BGRT, acc_BGRTC = carry
+        s0 = jnp.minimum(i * blk, s - blk)  # clamped last block
+        k = jax.lax.dynamic_slice_in_dim(k_cache[layer], s0, blk, axis=1)  # [B, blk, G, C]
+        v = jax.lax.dynamic_slice_in_dim(v_cache[layer], s0, blk, axis=1)
+        slots = s0 + jnp.arange(blk, dtype=jnp.int32)
+        mask_BTS = build_mask(start_B, t, slots, tree_mask) & (slots >= i * blk)[None, None]
+        mask = mask_BTS[:, None, None]  # [B, 1, 1, T, blk]
+        scores = jnp.einsum("BTGRC,BSGC->BGRTS", q, k.astype(jnp.float32))
+        scores = jnp.where(mask, scores, MASK_VALUE)
+        m_new = jnp.maximum(m_BGRT, jnp.max(scores, axis=-1))
+        p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+        alpha = jnp.exp(m_BGRT - m_new)
+        l_new = alpha * l_BGRT + jnp.sum(p, axis=-1)
+        acc = alpha[..., None] * acc_BGRTC + jnp.einsum("BGRTS,BSGC->BGRTC", p,
+                                                        v.astype(jnp.float32))
+        return m_new, l_new, acc
+
+    init = (jnp.full((b, g, r, t), MASK_VALUE, jnp.float32), jnp.zeros((b, g, r, t), jnp.float32),
+            jnp.zeros((b, g, r, t, c), jnp.float32))
+    _, l_BGRT, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.maximum(l_BGRT, 1e-30)[..., None]
+    return jnp.einsum("BGRTC->BTGRC", out).astype(dt)
 
 
 class Attention(nnx.Module):
@@ -92,17 +155,9 @@ class Attention(nnx.Module):
         with jax.named_scope("kv_write"):
             k_cache = kv_cache.write(k_cache, layer, k, start_B)
             v_cache = kv_cache.write(v_cache, layer, v, start_B)
-        keys_BSGK = k_cache[layer].astype(dt)
-        vals_BSGK = v_cache[layer].astype(dt)
-        s = keys_BSGK.shape[1]
-        mask_BTS = build_mask(start_B, t, s, tree_mask)
-
         r = h // g
-        q_BTGRK = q.reshape(b, t, g, r, dh)
-        scores = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, keys_BSGK,
-                            preferred_element_type=jnp.float32) * (dh**-0.5)
-        scores = jnp.where(mask_BTS[:, None, None, :, :], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("BGRTS,BSGK->BTGRK", probs, vals_BSGK).reshape(b, t, h, dh)
+        with jax.named_scope("attend"):
+            out = cached_attention(q.reshape(b, t, g, r, dh), k_cache, v_cache, layer, start_B,
+                                   tree_mask).reshape(b, t, h, dh)
         out_BTD = jnp.einsum("BTHK,HKD->BTD", out, self.wo_HKD[...].astype(dt))
         return out_BTD, k_cache, v_cache

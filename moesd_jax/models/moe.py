@@ -52,31 +52,135 @@ def active_experts(ids_TK: jax.Array, num_experts: int, max_active: int | None) 
     return jnp.unique(ids, size=a, fill_value=num_experts).astype(jnp.int32)
 
 
+ExpertWeights = jax.Array | tuple  # stacked [E, ...] or a tuple of E per-expert arrays
+
+
+def row_chunk(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Rows per expert dot in ``gather``: about the expected rows per active expert.
+
+    XLA:CPU runs a 1-row dot near memory bandwidth but multi-row dots slowly per byte, so
+    few rows per expert go one or two at a time and many in chunks of up to 8 (measured:
+    DESIGN.md "Step-cost facts", BENCHMARKS.md).
+    """
+    rows = -(-num_tokens * top_k // num_experts)
+    return int(min(8, 1 << max(rows - 1, 0).bit_length()))
+
+
+def _expert_ffn(w_gate, w_up, w_down, dt):
+    """``f(expert, x_CD) -> y_CD`` for one expert chosen at run time.
+
+    Stacked weights are indexed dynamically (portable; XLA copies the slice). A tuple of
+    per-expert arrays is read through ``lax.switch`` with one branch per expert, so each
+    dot takes its expert's weights as they are: on XLA:CPU even a static slice of a
+    stacked array is copied before the dot (measured 1.36 ms vs 0.20 ms for one
+    [1024, 1024] matvec), which is why CPU decoding unstacks (:func:`unstack_experts`).
+    """
+    if isinstance(w_gate, (tuple, list)):
+        branches = [lambda x, i=i: _swiglu(x, w_gate[i].astype(dt), w_up[i].astype(dt),
+                                           w_down[i].astype(dt))
+                    for i in range(len(w_gate))]
+        return lambda e, x: jax.lax.switch(e, branches, x)
+
+    def stacked(e, x):
+        take = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False).astype(dt)  # noqa: E731
+        return _swiglu(x, take(w_gate), take(w_up), take(w_down))
+
+    return stacked
+
+
 def dispatch_gather(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, ids_TK, combine_TK,
                     max_active=None):
-    """Reads only the active experts' weights: one loop step per active-expert slot.
+    """Reads only the active experts' weights, once each, and computes only routed rows.
 
-    Slots past the distinct active experts (id E) skip their compute via ``lax.cond``, so
-    time grows with the number of experts the step really routes to.
+    The T*K assignments are sorted by expert; a loop runs over the distinct active
+    experts (a run-time trip count, at most A), and for each over its routed rows in
+    chunks of ``row_chunk`` rows: gather the rows, one SwiGLU with that expert's weights,
+    scale by the gates, write back into the sorted order; a final scatter-add sums each
+    token's K contributions. Worked example, T=3, K=2, ids = [[5, 2], [2, 7], [5, 2]]:
+    sorted assignments (expert:row) = 2:0 2:1 2:2 5:0 5:2 7:1, so expert 2 runs once on
+    rows [0, 1, 2] (chunk 4, one padded row), 5 on [0, 2], 7 on [1]; nothing else is read.
+
+    Weights are stacked ``[E, D, F]`` / ``[E, F, D]`` arrays or tuples of E per-expert
+    arrays (see :func:`_expert_ffn`). Dropped assignments (id E) read nothing.
     """
-    e = w_gate_EDF.shape[0]
+    t, k = ids_TK.shape
     dt = x_TD.dtype
+    e = len(w_gate_EDF) if isinstance(w_gate_EDF, (tuple, list)) else w_gate_EDF.shape[0]
+    n = t * k
+    c = row_chunk(t, k, e)
+    ffn = _expert_ffn(w_gate_EDF, w_up_EDF, w_down_EFD, dt)
+    flat_N = jnp.where(ids_TK < e, ids_TK, e).reshape(n)
+    order_N = jnp.argsort(flat_N, stable=True)
+    rows_N = (order_N // k).astype(jnp.int32)
+    gate_N = combine_TK.reshape(n)[order_N].astype(jnp.float32)
+    counts_E = jnp.bincount(flat_N, length=e + 1)[:e].astype(jnp.int32)
+    starts_E = (jnp.cumsum(counts_E) - counts_E).astype(jnp.int32)
     active_A = active_experts(ids_TK, e, max_active)
+    n_active = jnp.sum(active_A < e)
+    pad = lambda v: jnp.concatenate([v, jnp.zeros((c,) + v.shape[1:], v.dtype)])  # noqa: E731
+    xs_ND = pad(jnp.take(x_TD, rows_N, axis=0))
+    gate_N = pad(gate_N)
 
-    def body(y_TD, expert):
-        def run(y):
-            wg = jax.lax.dynamic_index_in_dim(w_gate_EDF, expert, keepdims=False).astype(dt)
-            wu = jax.lax.dynamic_index_in_dim(w_up_EDF, expert, keepdims=False).astype(dt)
-            wd = jax.lax.dynamic_index_in_dim(w_down_EFD, expert, keepdims=False).astype(dt)
-            gate_T = jnp.sum(jnp.where(ids_TK == expert, combine_TK, 0.0), axis=1)
-            return y + gate_T.astype(jnp.float32)[:, None] * _swiglu(x_TD, wg, wu, wd).astype(
-                jnp.float32)
+    def per_expert(a, ys_ND):
+        ex = active_A[a]
+        cnt, st = counts_E[ex], starts_E[ex]
 
-        return jax.lax.cond(expert < e, run, lambda y: y, y_TD), None
+        def per_chunk(j, ys_ND):
+            off = st + j * c
+            x_CD = jax.lax.dynamic_slice_in_dim(xs_ND, off, c)
+            g_C = jax.lax.dynamic_slice_in_dim(gate_N, off, c)
+            g_C = jnp.where(jnp.arange(c) < cnt - j * c, g_C, 0.0)  # rows of the next expert
+            y_CD = ffn(ex, x_CD).astype(jnp.float32) * g_C[:, None]
+            return jax.lax.dynamic_update_slice_in_dim(ys_ND, y_CD, off, 0)
 
-    y0 = jnp.zeros(x_TD.shape, jnp.float32)
-    y, _ = jax.lax.scan(body, y0, active_A)
-    return y.astype(dt)
+        return jax.lax.fori_loop(0, (cnt + c - 1) // c, per_chunk, ys_ND)
+
+    # experts run in ascending order, so a chunk's padded rows (zeroed above) are
+    # overwritten by the next expert's own chunks afterwards
+    ys_ND = jax.lax.fori_loop(0, n_active, per_expert,
+                              jnp.zeros((n + c, x_TD.shape[1]), jnp.float32))
+    y_TD = jnp.zeros((t, x_TD.shape[1]), jnp.float32).at[rows_N].add(ys_ND[:n])
+    return y_TD.astype(dt)
+
+
+def unstack_experts(model) -> int:
+    """Holds every MoE layer's expert weights as tuples of per-expert arrays (in place).
+
+    The CPU decode layout for ``gather`` (see :func:`_expert_ffn`): each expert's
+    matrices become separate buffers, the stacked arrays are dropped (weights stay
+    resident once). Only for single-device use: sharding and the other dispatch backends
+    need the stacked layout, which :func:`stack_experts` restores. Returns the number of
+    layers changed.
+    """
+    changed = 0
+    for block in _moe_blocks(model):
+        for name in EXPERT_PARAMS:
+            var = getattr(block, name)
+            w = var.get_value()
+            if not isinstance(w, tuple):
+                var.set_value(tuple(w[i] for i in range(w.shape[0])))
+                changed += 1
+    return changed // len(EXPERT_PARAMS)
+
+
+def stack_experts(model) -> int:
+    """Inverse of :func:`unstack_experts` (in place); returns the number of layers changed."""
+    changed = 0
+    for block in _moe_blocks(model):
+        for name in EXPERT_PARAMS:
+            var = getattr(block, name)
+            w = var.get_value()
+            if isinstance(w, tuple):
+                var.set_value(jnp.stack(w))
+                changed += 1
+    return changed // len(EXPERT_PARAMS)
+
+
+EXPERT_PARAMS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
+
+
+def _moe_blocks(model):
+    return [layer.moe for layer in model.layers if layer.is_moe]
 
 
 def dispatch_ragged(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, ids_TK, combine_TK,
@@ -140,6 +244,14 @@ class MoEBlock(nnx.Module):
             if m.shared_expert_gate:
                 self.shared_gate_D1 = param(rngs, (d, 1), ("embed", None), dt)
 
+    def expert_weights(self, stacked: bool = True):
+        """(w_gate, w_up, w_down) as held: stacked arrays, or per-expert tuples after
+        :func:`unstack_experts` (re-stacked here for backends that need ``[E, ...]``)."""
+        ws = tuple(getattr(self, n).get_value() for n in EXPERT_PARAMS)
+        if stacked and isinstance(ws[0], tuple):
+            ws = tuple(jnp.stack(w) for w in ws)
+        return ws
+
     def apply_budget(self, probs_TE, ids_TK, w_TK, token_valid_T, root_T, kernel: bool):
         """Verification-time expert budget (DESIGN.md "Expert budgeting").
 
@@ -193,8 +305,8 @@ class MoEBlock(nnx.Module):
         with jax.named_scope("moe_dispatch"):
             # expert-parallel shard_map around the backend when a plan shards experts
             fn = sharding.maybe_expert_parallel(DISPATCH[name])
-            y = fn(x_TD, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...],
-                   ids, w, m.max_active)
+            y = fn(x_TD, *self.expert_weights(stacked=name != "gather"), ids, w,
+                   m.max_active)
         if m.shared_expert_dim:
             with jax.named_scope("moe_shared"):
                 s = self.shared(x_TD)

@@ -9,7 +9,6 @@ jitted program per (batch, padded prompt length) shape and runs prefill plus the
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -23,6 +22,8 @@ from moesd_jax.distributed import process_allgather
 from moesd_jax.models.transformer import Transformer
 from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
 from moesd_jax.spec.tree import load_tree
+
+CAPACITY_BUCKET = 128  # cache capacities are multiples of this (compiled-program reuse)
 
 
 @dataclasses.dataclass
@@ -69,7 +70,11 @@ class SpecDecoder:
       spec: speculation config (method, k, ngram_n; ``tree``: a named tree such as
         ``tree-15`` or a YAML path, drafted by the draft model, see ``spec/tree.py``).
       max_len: token buffer / KV cache capacity per row (prompt + new tokens + K + 1;
-        with a tree of N nodes: + N + 1).
+        with a tree of N nodes: + N + 1). None: sized per call from the work (the
+        longest prompt + max_new_tokens + K + 1, rounded up to a multiple of
+        ``CAPACITY_BUCKET`` so similar calls reuse one compiled program), at most the
+        model's ``max_seq_len``; never the model card's full context when the work is
+        short.
       prompt_bucket: prompts are right-padded to a multiple of this.
       eos_token_ids: default stop tokens (the target's ``eos_token_ids`` if None).
       mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
@@ -88,9 +93,9 @@ class SpecDecoder:
             raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} != target vocab_size="
                              f"{target.cfg.vocab_size}: they must share a tokenizer")
         tree = None
-        if spec.tree is not None and spec.method == "ngram":
+        if spec.tree is not None and spec.method in ("ngram", "oracle"):
             raise ValueError(f"spec.tree={spec.tree!r} needs spec.method='draft': the "
-                             "prompt-lookup drafter proposes chains only")
+                             f"{spec.method} drafter proposes chains only")
         if spec.tree is not None and spec.method == "draft":
             tree = load_tree(spec.tree).paths
             if budget_fields(target.cfg):
@@ -104,14 +109,16 @@ class SpecDecoder:
         self.target = nnx.split(target)
         self.draft = nnx.split(draft) if (draft is not None and spec.method == "draft") else None
         tc = target.cfg
+        self.fixed_max_len = max_len is not None
         self.cfg = LoopConfig(method=spec.method, k=spec.k, max_len=max_len or tc.max_seq_len,
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
                               num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree,
-                              **budget_fields(tc))
+                              oracle_acceptance=spec.oracle_acceptance if spec.method == "oracle"
+                              else 0.0, **budget_fields(tc))
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0
-        self._fn = jax.jit(functools.partial(self._run, self.cfg))
+        self._fn = jax.jit(self._run, static_argnums=0)
 
     def _run(self, cfg, target, draft, *args):
         self.trace_count += 1  # Python side effect: runs only when jax traces
@@ -170,17 +177,48 @@ class SpecDecoder:
                 jnp.asarray(seeds, jnp.int32),
                 jnp.asarray(np.tile(np.asarray(stop_row, np.int32), (b, 1))))
 
-    def generate_state(self, *prepared) -> DecodeState:
+    def loop_config(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> LoopConfig:
+        """The compiled program's config for one call: its cache capacity from the work
+        (see ``max_len`` in the class doc) unless a fixed ``max_len`` was given."""
+        if self.fixed_max_len:
+            return self.cfg
+        need = max(n + int(m) for n, m in zip(prompt_lens, max_new)) + self.cfg.k_eff + 1
+        need = max(need, -(-max(prompt_lens) // self.prompt_bucket) * self.prompt_bucket)
+        cap = min(-(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET, self.cfg.max_len)
+        return dataclasses.replace(self.cfg, max_len=cap)
+
+    def generate_state(self, *prepared, cfg: LoopConfig | None = None) -> DecodeState:
+        """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call)."""
+        cfg = cfg or self.cfg
         if self.plan is None:
-            return self._fn(self.target, self.draft, *prepared)
+            return self._fn(cfg, self.target, self.draft, *prepared)
         with self.plan.activate():  # active while jit traces: MoE layers go expert-parallel
-            return self._fn(self.target, self.draft, *self.plan.shard_batch(*prepared))
+            return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 oracle_reference: Sequence[Sequence[int]] | None = None,
                  **kwargs) -> list[GenerationResult]:
-        """Generates for a batch of token-id prompts; returns results in order."""
+        """Generates for a batch of token-id prompts; returns results in order.
+
+        ``oracle_reference`` (``spec.method == "oracle"`` only): per prompt, the prompt
+        followed by the target's greedy continuation (e.g. an AR run's output).
+        """
         prepared = self.prepare(prompts, max_new_tokens, **kwargs)
-        state = jax.block_until_ready(self.generate_state(*prepared))
+        if (oracle_reference is not None) != (self.cfg.method == "oracle"):
+            raise ValueError("oracle_reference goes with spec.method='oracle' (and only)")
+        if oracle_reference is not None:
+            if len(oracle_reference) != len(prompts):
+                raise ValueError(f"oracle_reference has {len(oracle_reference)} rows for "
+                                 f"{len(prompts)} prompts")
+            m = max(len(r) for r in oracle_reference)
+            ref = np.zeros((len(prompts), m), np.int32)
+            for i, r in enumerate(oracle_reference):
+                ref[i, :len(r)] = r
+            prepared = prepared + (jnp.asarray(ref),)
+        max_new = ([max_new_tokens] * len(prompts) if np.isscalar(max_new_tokens)
+                   else list(max_new_tokens))
+        cfg = self.loop_config([len(p) for p in prompts], max_new)
+        state = jax.block_until_ready(self.generate_state(*prepared, cfg=cfg))
         if self.plan is not None:  # rows held by other processes come to every process
             state = process_allgather(state)
         tokens = np.asarray(state.tokens_BN)

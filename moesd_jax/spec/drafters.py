@@ -92,3 +92,20 @@ def ngram_chain(tokens_BN, seq_len_B, k: int, n: int, vocab: int):
                        last)
     drafts = jnp.clip(drafts, 0, vocab - 1).astype(jnp.int32)
     return drafts, jax.nn.one_hot(drafts, vocab, dtype=jnp.float32)
+
+
+def oracle_chain(ref_BN, seq_len_B, k: int, acceptance: float, key_B, vocab: int):
+    """Benchmark drafter: the reference (the target's own greedy continuation) at the K
+    positions after the pending token, each kept with probability ``acceptance`` and
+    otherwise replaced by a token that differs from it. Costs no model call.
+
+    Returns:
+      (drafts_BK int32, q_BKV float32 one-hot, key_B).
+    """
+    nbuf = ref_BN.shape[1]
+    src = jnp.clip(seq_len_B[:, None] + jnp.arange(k)[None, :], 0, nbuf - 1)
+    right = jnp.take_along_axis(ref_BN, src, axis=1)
+    key_B, use = split_rows(key_B)
+    keep = jax.vmap(lambda kk: jax.random.uniform(kk, (k,)))(use) < acceptance
+    drafts = jnp.where(keep, right, (right + 1) % vocab).astype(jnp.int32)
+    return drafts, jax.nn.one_hot(drafts, vocab, dtype=jnp.float32), key_B

@@ -43,7 +43,8 @@ class LoopConfig:
     """Static (hashable) description of one compiled decode program.
 
     Attributes:
-      method: ``none`` (autoregressive), ``draft`` (draft model) or ``ngram``.
+      method: ``none`` (autoregressive), ``draft`` (draft model), ``ngram`` or ``oracle``
+        (benchmarks: the reference continuation ``DecodeState.ref_tokens_BN``).
       k: draft tokens per iteration (ignored for ``none``).
       max_len: N, token buffer and KV cache capacity per row.
       ngram_n: n-gram size for prompt lookup.
@@ -68,6 +69,7 @@ class LoopConfig:
     tree: tuple[tuple[int, ...], ...] | None = None
     prefill_dispatch: str | None = None
     budget_prune: bool = False
+    oracle_acceptance: float = 0.0
 
     @property
     def width(self) -> int:
@@ -114,6 +116,7 @@ class DecodeState:
     top_p_B: jax.Array
     stop_ids_BS: jax.Array  # int32 [B, max_stop], -1 = unused
     stats: Stats
+    ref_tokens_BN: jax.Array | None = None  # int32 [B, N] oracle drafter's reference
 
 
 def _num_moe_layers(graphdef, state) -> int:
@@ -124,7 +127,8 @@ def _num_moe_layers(graphdef, state) -> int:
 
 
 def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
-            temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BS) -> DecodeState:
+            temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BS,
+            ref_tokens_BM=None) -> DecodeState:
     """Runs the prompts through the target (and draft) and samples the first new token.
 
     Args:
@@ -135,6 +139,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
       temperature_B, top_k_B, top_p_B: per-row sampling parameters.
       seed_B: int32 per-row seeds (rows are reproducible independently of the batch).
       stop_ids_BS: int32 [B, max_stop] stop tokens per row, -1 padded.
+      ref_tokens_BM: ``oracle`` only: int32 [B, M] reference rows in buffer layout (prompt
+        then the target's greedy continuation), M <= max_len.
     """
     b, p = prompts_BP.shape
     n = cfg.max_len
@@ -169,9 +175,14 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
     stats = Stats(jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                   jnp.zeros((b,), jnp.int32), jnp.zeros((b, kk), jnp.int32),
                   jnp.zeros((n_moe,), jnp.int32), jnp.zeros((), jnp.int32))
+    ref = None
+    if cfg.method == "oracle":
+        if ref_tokens_BM is None:
+            raise ValueError("spec method 'oracle' needs the reference tokens")
+        ref = jnp.zeros((b, n), jnp.int32).at[:, :ref_tokens_BM.shape[1]].set(ref_tokens_BM)
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, dcache, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
-                       top_p_B.astype(jnp.float32), stop_ids_BS.astype(jnp.int32), stats)
+                       top_p_B.astype(jnp.float32), stop_ids_BS.astype(jnp.int32), stats, ref)
 
 
 def _model_cfg(graphdef, state):
@@ -234,6 +245,9 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
             drafts, q, dcache, key_B = drafters.draft_model_chain(
                 dg, ds, dcache, s.tokens_BN, s.seq_len_B, k, key_B, s.temperature_B,
                 s.top_k_B, s.top_p_B, active)
+        elif cfg.method == "oracle" and k > 0:
+            drafts, q, key_B = drafters.oracle_chain(s.ref_tokens_BN, s.seq_len_B, k,
+                                                     cfg.oracle_acceptance, key_B, cfg.vocab)
         elif cfg.method == "ngram" and k > 0:
             drafts, q = drafters.ngram_chain(s.tokens_BN, s.seq_len_B, k, cfg.ngram_n,
                                              cfg.vocab)

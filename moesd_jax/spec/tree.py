@@ -361,9 +361,13 @@ def _expand(par_logits_BPV, node_tok, q_all, parents_P, kids_C, kid_parent_C, ki
     b, npar, v = par_logits_BPV.shape
     q = filter_probs(par_logits_BPV.reshape(b * npar, v), jnp.repeat(temperature_B, npar),
                      jnp.repeat(top_k_B, npar), jnp.repeat(top_p_B, npar)).reshape(b, npar, v)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (npar, v)))(use_B)
-    score = jnp.where((temperature_B <= 0.0)[:, None, None], par_logits_BPV,
-                      jnp.log(jnp.maximum(q, 0.0)) + gumbel)
+    greedy_B = temperature_B <= 0.0
+
+    def perturbed(logits):  # Gumbel noise only when some row samples
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (npar, v)))(use_B)
+        return jnp.where(greedy_B[:, None, None], logits, jnp.log(jnp.maximum(q, 0.0)) + gumbel)
+
+    score = jax.lax.cond(jnp.all(greedy_B), lambda x: x, perturbed, par_logits_BPV)
     _, top_BPW = jax.lax.top_k(score, w)
     toks = top_BPW[:, kid_parent_C, kid_rank_C].astype(jnp.int32)  # [B, C]
     node_tok = node_tok.at[:, kids_C].set(toks, mode="drop")

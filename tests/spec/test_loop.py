@@ -156,3 +156,22 @@ def test_stop_tokens_and_lengths(models, ar_tokens):
         assert r.token_ids == ref[:cut]
     res = dec.generate(PROMPTS[:2], [3, 10])
     assert [len(r.token_ids) for r in res] == [3, 10]
+
+
+def test_oracle_drafter_is_lossless_and_tracks_its_acceptance():
+    """The benchmark oracle proposes the reference continuation: acceptance 1 accepts
+    every draft, 0 none, and greedy outputs equal AR either way."""
+    from moesd_jax.config import SpecConfig
+    from moesd_jax.spec.decoder import SpecDecoder
+    from tests.helpers import build, moe_cfg
+
+    target = build(moe_cfg(), seed=0)
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    ar = SpecDecoder(target, spec=SpecConfig(method="none"), max_len=64).generate(prompts, 12)
+    ref = [p + r.token_ids for p, r in zip(prompts, ar)]
+    for acc, lo, hi in ((1.0, 4.0, 5.0), (0.0, 1.0, 1.0)):
+        dec = SpecDecoder(target, spec=SpecConfig(method="oracle", k=4, oracle_acceptance=acc),
+                          max_len=64)
+        out = dec.generate(prompts, 12, oracle_reference=ref)
+        assert [r.token_ids for r in out] == [r.token_ids for r in ar]
+        assert all(lo <= r.stats["mean_acceptance_length"] <= hi for r in out)

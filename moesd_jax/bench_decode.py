@@ -1,0 +1,227 @@
+"""``bench.py decode``: AR vs speculative decoding on a memory-bound MoE shape and the
+dense model of equal active size, with an oracle drafter (the papers' system view).
+
+Method (DESIGN.md "Performance method"): random float32 weights; for each (model,
+batch) an AR run gives the reference continuation and the AR rate; each K > 0 runs the
+oracle drafter (``SpecConfig(method="oracle")``: the target's own greedy token kept
+with probability ``acceptance`` per position, at no cost) and must reproduce the AR
+tokens. Rates are decode-only: ``B * (N2 - N1) / (t(N2) - t(N1))`` over two generate
+lengths, medians of ``repeats``. Bytes per AR step count the weights a step must read
+given the routing it actually took (unique experts per layer from the routing trace),
+and are divided by the step time and compared with numpy's read bandwidth measured in
+the same run.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moesd_jax.config import ModelConfig, MoEConfig, SpecConfig
+from moesd_jax.kv_cache import KVCache
+from moesd_jax.models import moe
+from moesd_jax.models.transformer import Transformer, apply
+
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+KS = (0, 1, 2, 4, 8)
+
+
+def bench_configs(d_model: int = 1024, layers: int = 8, experts: int = 32, top_k: int = 4,
+                  expert_dim: int = 1024, vocab: int = 32000) -> dict[str, ModelConfig]:
+    """The Mixtral-like MoE shape and the dense model with the same active parameters
+    (its MLP is ``top_k * expert_dim`` wide)."""
+    common = dict(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=16,
+                  num_kv_heads=8, max_seq_len=4096, param_dtype="float32",
+                  compute_dtype="float32", eos_token_ids=())
+    return {
+        "moe": ModelConfig(mlp_dim=expert_dim, **common,
+                           moe=MoEConfig(num_experts=experts, top_k=top_k,
+                                         expert_dim=expert_dim, dispatch="gather")),
+        "dense": ModelConfig(mlp_dim=top_k * expert_dim, **common),
+    }
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> float:
+    """numpy read bandwidth (bytes/s): ``np.sum`` over a buffer larger than any cache."""
+    a = np.ones(nbytes // 4, np.float32)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        ts.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(ts)
+
+
+def _weight_bytes(model: Transformer, routing_BTLK: np.ndarray | None) -> tuple[int, int]:
+    """(bytes one step reads given its routing, total parameter bytes).
+
+    Every non-expert weight is read once per step except the embedding table (one row
+    per token, negligible); each MoE layer reads its unique routed experts.
+    """
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    cfg = model.cfg
+    emb = cfg.vocab_size * cfg.d_model * 4
+    if cfg.moe is None:
+        return total - emb, total
+    e_bytes = 3 * cfg.d_model * cfg.moe.expert_dim * 4
+    n_moe = sum(int(layer.is_moe) for layer in model.layers)
+    experts_all = n_moe * cfg.moe.num_experts * e_bytes
+    ids = routing_BTLK.reshape(-1, routing_BTLK.shape[2], routing_BTLK.shape[3])
+    uniq = sum(len(np.setdiff1d(np.unique(ids[:, layer]), [cfg.moe.num_experts]))
+               for layer in range(ids.shape[1]))
+    return total - emb - experts_all + uniq * e_bytes, total
+
+
+def forward_time(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
+                 capacity: int, repeats: int = 5) -> tuple[float, np.ndarray | None]:
+    """Median seconds of one forward of T tokens per row after ``context`` cached ones,
+    and its routing trace."""
+    cache = KVCache.init(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.dh)
+    cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
+    toks = jax.random.randint(jax.random.PRNGKey(t), (batch, t), 0, cfg.vocab_size)
+    pos = context + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (batch, t))
+    fn = jax.jit(lambda s, c: apply(graphdef, s, toks, pos, c, return_routing=True),
+                 donate_argnums=1)
+    out = None
+    ts = []
+    for i in range(repeats + 1):
+        c = jax.tree.map(jnp.copy, cache)
+        jax.block_until_ready(c)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(state, c))
+        if i:
+            ts.append(time.perf_counter() - t0)
+    rt = None if out[2] is None else np.asarray(out[2])
+    return statistics.median(ts), rt
+
+
+def _rate(dec, prompts, n1: int, n2: int, repeats: int, **kw) -> tuple[float, list]:
+    """Decode-only tokens/s from two generate lengths (medians), and the n2 outputs."""
+    b = len(prompts)
+    dec.generate(prompts, n1, **kw)  # compile (one program serves both lengths)
+    t1s, t2s, res = [], [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dec.generate(prompts, n1, **kw)
+        t1s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        res = dec.generate(prompts, n2, **kw)
+        t2s.append(time.perf_counter() - t0)
+    dt = statistics.median(t2s) - statistics.median(t1s)
+    return b * (n2 - n1) / max(dt, 1e-9), res
+
+
+def decode_sweep(models=("moe", "dense"), batches=BATCHES, ks=KS, acceptance: float = 0.8,
+                 prompt_len: int = 16, n1: int = 8, n2: int = 40, repeats: int = 3,
+                 seed: int = 0, configs: dict[str, ModelConfig] | None = None,
+                 progress=None) -> list[dict]:
+    """Runs the sweep; returns one dict per (model, batch, k) point (see bench.py decode).
+
+    K = 0 rows are AR (sd fields equal AR); SD rows must reproduce the AR tokens
+    (``tokens_equal``). ``verify_over_step`` is a T=K+1 forward's time over a T=1
+    forward's at the same batch and context.
+    """
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    configs = configs or bench_configs()
+    bw = read_bandwidth()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in models:
+        cfg = configs[name]
+        model = Transformer(cfg, nnx.Rngs(seed))
+        if cfg.moe is not None:
+            moe.unstack_experts(model)  # the CPU decode layout (runtime.cpu_decode_layout)
+        graphdef, state = nnx.split(model)
+        for b in batches:
+            prompts = rng.integers(1, cfg.vocab_size, (b, prompt_len)).tolist()
+            ar_dec = SpecDecoder(model, spec=SpecConfig(method="none"))
+            ref = ar_dec.generate(prompts, n2 + max(ks) + 1)
+            reference = [p + r.token_ids for p, r in zip(prompts, ref)]
+            ar_rate, ar_out = _rate(ar_dec, prompts, n1, n2, repeats)
+            cap = ar_dec.loop_config([prompt_len] * b, [n2 + max(ks) + 1]).max_len
+            ctx = prompt_len + (n1 + n2) // 2
+            t_step, routing = forward_time(graphdef, state, cfg, b, 1, ctx, cap)
+            step_bytes, total_bytes = _weight_bytes(model, routing)
+            ar_gbs = step_bytes * ar_rate / b / 1e9  # bytes per step x steps per second
+            for k in ks:
+                row = {"model": name, "batch": b, "k": k, "ar_tok_per_s": ar_rate,
+                       "active_weight_bytes_per_step": step_bytes,
+                       "total_weight_bytes": total_bytes,
+                       "active_weight_gb_per_s": ar_gbs,
+                       "read_bandwidth_gb_per_s": bw / 1e9,
+                       "bandwidth_fraction": ar_gbs * 1e9 / bw,
+                       "oracle_acceptance": acceptance, "step_ms": t_step * 1e3}
+                if k == 0:
+                    row |= {"sd_tok_per_s": ar_rate, "sd_speedup": 1.0,
+                            "verify_over_step": 1.0, "mean_acceptance_length": 1.0,
+                            "tokens_equal": True}
+                else:
+                    sd = SpecDecoder(model, spec=SpecConfig(method="oracle", k=k,
+                                                            oracle_acceptance=acceptance))
+                    sd_rate, sd_out = _rate(sd, prompts, n1, n2, repeats,
+                                            oracle_reference=reference)
+                    t_ver, _ = forward_time(graphdef, state, cfg, b, k + 1, ctx, cap)
+                    acc = [r.stats["mean_acceptance_length"] for r in sd_out]
+                    row |= {"sd_tok_per_s": sd_rate, "sd_speedup": sd_rate / ar_rate,
+                            "verify_over_step": t_ver / t_step,
+                            "mean_acceptance_length": float(np.mean(acc)),
+                            "tokens_equal": [r.token_ids for r in sd_out]
+                            == [r.token_ids for r in ar_out]}
+                row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+        del model, state, graphdef
+    return rows
+
+
+def expected_unique_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Independent routing: ``N (1 - (1 - k/N)^T)`` unique experts for T tokens (MoESD)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def write_outputs(rows: list[dict], out_dir: str = "docs", stem: str = "decode_sweep") -> list:
+    """CSV of every row and a PNG of SD speedup vs batch per K (MoE solid, dense dashed)."""
+    import csv
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{stem}.csv"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k in sorted({r["k"] for r in rows if r["k"] > 0}):
+        for name, style in (("moe", "-o"), ("dense", "--s")):
+            pts = sorted((r["batch"], r["sd_speedup"]) for r in rows
+                         if r["k"] == k and r["model"] == name)
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{name} K={k}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("SD speedup over AR (oracle drafter)")
+    acc = rows[0]["oracle_acceptance"] if rows else 0
+    ax.set_title(f"AR vs SD, oracle acceptance {acc}, this CPU")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png_path = out / f"{stem}.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return [csv_path, png_path]
+
