@@ -137,7 +137,8 @@ def decode_cmd(args) -> int:
                            configs=configs, progress=show)
     paths = bd.write_outputs(rows, args.out_dir)
     if not args.json:
-        print(f"# read bandwidth (numpy sum) {rows[0]['read_bandwidth_gb_per_s']:.1f} GB/s; "
+        print(f"# read bandwidth {rows[0]['read_bandwidth_gb_per_s']:.1f} GB/s (XLA sum; numpy "
+              f"sum {rows[0]['numpy_read_gb_per_s']:.1f}); "
               f"peak RSS {max(r['peak_rss_gb'] for r in rows):.2f} GB; wrote "
               + ", ".join(str(p) for p in paths))
     return 0 if all(r["tokens_equal"] for r in rows) else 1
