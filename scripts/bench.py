@@ -53,6 +53,13 @@ def main(argv=None) -> int:
     hp.add_argument("--k", type=int, default=4, help="draft tokens per round")
     hp.add_argument("--torch-threads", type=int, default=2)
     hp.add_argument("--json", action="store_true")
+    at = sub.add_parser("attention", help="decode step time vs cache capacity at a fixed "
+                        "live context (attention follows the live length)")
+    at.add_argument("--model", default=None, help="target (default: bundled)")
+    at.add_argument("--context", type=int, default=64)
+    at.add_argument("--capacity", type=int, nargs="+", default=[128, 512, 4096])
+    at.add_argument("--batch", type=int, default=1)
+    at.add_argument("--json", action="store_true")
     dc = sub.add_parser("decode", help="AR vs SD (oracle drafter) over batch x K, MoE vs dense")
     dc.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 2 4 ... 64")
     dc.add_argument("--k", type=int, nargs="+", default=None, help="default 0 1 2 4 8")
@@ -74,6 +81,8 @@ def main(argv=None) -> int:
         return spec_cmd(args, benchmarks)
     if args.cmd == "decode":
         return decode_cmd(args)
+    if args.cmd == "attention":
+        return attention_cmd(args)
     if args.cmd == "hf":
         return hf_cmd(args)
     if args.cmd == "moe-layer":
@@ -94,6 +103,35 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['active']:>6} {r['ms']:>9.3f} {r['weight_bytes'] / 1e6:>9.1f} "
                   f"{r['gb_per_s']:>7.2f} {r['gb_per_s'] * 1e9 / bw:>9.0%}")
+    return 0
+
+
+def attention_cmd(args) -> int:
+    from flax import nnx
+
+    from moesd_jax.bench_decode import forward_time
+    from moesd_jax.runtime import load_models
+
+    if args.context < 1 or args.batch < 1 or min(args.capacity) <= args.context:
+        print(f"error: need --context={args.context} >= 1, --batch={args.batch} >= 1 and "
+              f"every --capacity {args.capacity} > --context", file=sys.stderr)
+        return 2
+    lm = load_models(args.model, None, "none")
+    g, st = nnx.split(lm.target)
+    rows = []
+    for cap in args.capacity:
+        ms = forward_time(g, st, lm.target.cfg, args.batch, 1, args.context, cap,
+                          repeats=30)[0] * 1e3
+        rows.append({"capacity": cap, "context": args.context, "batch": args.batch,
+                     "step_ms": ms, "over_smallest": ms / (rows[0]["step_ms"] if rows else ms)})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"# attention: one T=1 decode forward of {lm.target_path}, batch {args.batch}, "
+          f"{args.context} cached tokens, cache capacity varied (median of 30)")
+    print(f"{'capacity':>9} {'step ms':>8} {'x smallest':>10}")
+    for r in rows:
+        print(f"{r['capacity']:>9} {r['step_ms']:>8.2f} {r['over_smallest']:>10.2f}")
     return 0
 
 

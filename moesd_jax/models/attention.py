@@ -74,9 +74,8 @@ def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=N
     dt = q_BTGRC.dtype
     q = q_BTGRC.astype(jnp.float32) * (c**-0.5)
     n_blocks = (jnp.max(start_B) + t + blk - 1) // blk
-    n_blocks = jnp.clip(n_blocks, 1, -(-s // blk))
 
-    def body(i, carry):
+    def block(i, carry):
         m_BGRT, l_BGRT, acc_BGRTC = carry
         s0 = jnp.minimum(i * blk, s - blk)  # clamped last block
         k = jax.lax.dynamic_slice_in_dim(k_cache[layer], s0, blk, axis=1)  # [B, blk, G, C]
@@ -94,9 +93,14 @@ def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=N
                                                         v.astype(jnp.float32))
         return m_new, l_new, acc
 
+    def body(carry, i):
+        # blocks past the longest live row are skipped at run time; a scan over the static
+        # block count (not a while loop with a dynamic bound) keeps training differentiable
+        return jax.lax.cond(i < n_blocks, block, lambda i, c: c, i, carry), None
+
     init = (jnp.full((b, g, r, t), MASK_VALUE, jnp.float32), jnp.zeros((b, g, r, t), jnp.float32),
             jnp.zeros((b, g, r, t, c), jnp.float32))
-    _, l_BGRT, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    (_, l_BGRT, acc), _ = jax.lax.scan(body, init, jnp.arange(-(-s // blk), dtype=jnp.int32))
     out = acc / jnp.maximum(l_BGRT, 1e-30)[..., None]
     return jnp.einsum("BGRTC->BTGRC", out).astype(dt)
 

@@ -94,8 +94,9 @@ class SpecDecoder:
                              f"{target.cfg.vocab_size}: they must share a tokenizer")
         tree = None
         if spec.tree is not None and spec.method in ("ngram", "oracle"):
+            name = "prompt-lookup" if spec.method == "ngram" else spec.method
             raise ValueError(f"spec.tree={spec.tree!r} needs spec.method='draft': the "
-                             f"{spec.method} drafter proposes chains only")
+                             f"{name} drafter proposes chains only")
         if spec.tree is not None and spec.method == "draft":
             tree = load_tree(spec.tree).paths
             if budget_fields(target.cfg):
