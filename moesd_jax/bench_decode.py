@@ -25,8 +25,8 @@ from flax import nnx
 
 from moesd_jax.config import ModelConfig, MoEConfig, SpecConfig
 from moesd_jax.kv_cache import KVCache
-from moesd_jax.models import moe
 from moesd_jax.models.transformer import Transformer, apply
+from moesd_jax.runtime import cpu_decode_layout
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 KS = (0, 1, 2, 4, 8)
@@ -161,8 +161,7 @@ def decode_sweep(models=("moe", "dense"), batches=BATCHES, ks=KS, acceptance: fl
     for name in models:
         cfg = configs[name]
         model = Transformer(cfg, nnx.Rngs(seed))
-        if cfg.moe is not None:
-            moe.unstack_experts(model)  # the CPU decode layout (runtime.cpu_decode_layout)
+        cpu_decode_layout(model)  # the layout every CLI decodes with
         graphdef, state = nnx.split(model)
         for b in batches:
             prompts = rng.integers(1, cfg.vocab_size, (b, prompt_len)).tolist()
