@@ -168,9 +168,17 @@ def _read_meta(p: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tokenizer(d: Path):
+def _load_tokenizer(p: Path, meta: dict):
+    """``<ckpt>/tokenizer/``, or the directory named by the config's ``"tokenizer"`` key
+    (relative to the checkpoint: the bundled pair shares ``bundled/tokenizer``)."""
     from moesd_jax.models.hf import load_hf_tokenizer
 
+    d = p / TOKENIZER_DIR
+    if not d.is_dir() and isinstance(meta.get("tokenizer"), str):
+        d = (p / meta["tokenizer"]).resolve()
+        if not d.is_dir():
+            raise CheckpointError(f"{p / CONFIG_NAME}: tokenizer={meta['tokenizer']!r} is not "
+                                  f"a directory ({d})")
     return load_hf_tokenizer(d) if d.is_dir() else None
 
 
@@ -267,4 +275,4 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
         want = nnx.to_pure_dict(abstract)
         params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, want)
     nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract), _load_tokenizer(p / TOKENIZER_DIR)
+    return nnx.merge(graphdef, abstract), _load_tokenizer(p, meta)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped in the wheel
 
 Dispatch = Literal["dense", "gather", "ragged", "pallas", "dense_budgeted", "gather_budgeted",
                    "ragged_budgeted", "pallas_budgeted"]
@@ -194,8 +194,9 @@ class SpecConfig:
 
     Attributes:
       method: ``none`` (plain autoregressive), ``draft`` (draft model), ``ngram``
-        (prompt lookup), ``oracle`` (benchmarks only: proposes the target's own greedy
-        continuation, given as a reference, each position kept with probability
+        (prompt lookup), ``eagle`` (an EAGLE-3 head, ``spec/eagle.py``), ``oracle``
+        (benchmarks only: proposes the target's own greedy continuation, given as a
+        reference, each position kept with probability
         ``oracle_acceptance``, at no cost: isolates the system effect of SD).
       k: draft tokens per iteration (chain length); ignored when ``tree`` is set.
       tree: named tree in ``configs/spec/`` or a path to a YAML tree; None = chain of k.
@@ -204,16 +205,16 @@ class SpecConfig:
         right token.
     """
 
-    method: Literal["none", "draft", "ngram", "oracle"] = "draft"
+    method: Literal["none", "draft", "ngram", "oracle", "eagle"] = "draft"
     k: int = 4
     tree: str | None = None
     ngram_n: int = 2
     oracle_acceptance: float = 0.8
 
     def validate(self, prefix: str = "spec") -> None:
-        if self.method not in ("none", "draft", "ngram", "oracle"):
-            raise ConfigError(f"{prefix}.method={self.method!r} must be none, draft, ngram "
-                              "or oracle")
+        if self.method not in ("none", "draft", "ngram", "oracle", "eagle"):
+            raise ConfigError(f"{prefix}.method={self.method!r} must be none, draft, ngram, "
+                              "oracle or eagle")
         if not 0.0 <= self.oracle_acceptance <= 1.0:
             raise ConfigError(f"{prefix}.oracle_acceptance={self.oracle_acceptance} must be "
                               "in [0, 1]")

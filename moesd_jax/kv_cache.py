@@ -2,10 +2,11 @@
 
 Layout: ``k``/``v`` are ``[L, B, S, G, Dh]``; ``lengths`` ``[B]`` int32 counts the committed
 positions of each row. A forward pass writes its T new entries at ``lengths .. lengths+T``
-(out-of-range writes are dropped, never clamped onto other positions) and leaves
-``lengths`` alone: the caller commits what it accepts with :func:`advance` (chains) or
-:func:`compact` (trees, moving the accepted path's entries into contiguous positions).
-Entries at positions >= lengths are garbage by definition and are always masked.
+(or at explicit offsets from ``lengths``; out-of-range writes are dropped, never clamped
+onto other positions) and leaves ``lengths`` alone: the caller commits what it accepts
+with :func:`advance` (chains) or :func:`compact` (trees, moving the accepted path's
+entries into contiguous positions). Entries at positions >= lengths are uncommitted:
+attention sees them only through a tree mask (the tree being verified or drafted).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class KVCache:
                    jnp.zeros((batch,), jnp.int32))
 
 
-def write(cache_LBSGD: jax.Array, layer: int, new_BTGD: jax.Array,
-          start_B: jax.Array) -> jax.Array:
-    """Writes T new entries of one layer at ``start_B + [0, T)``; drops out-of-range ones."""
+def write(cache_LBSGD: jax.Array, layer: int, new_BTGD: jax.Array, start_B: jax.Array,
+          offsets_T: jax.Array | None = None) -> jax.Array:
+    """Writes T new entries of one layer at ``start_B + offsets_T`` (default ``[0, T)``);
+    drops out-of-range ones."""
     b, t = new_BTGD.shape[:2]
-    pos_BT = start_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if offsets_T is None:
+        offsets_T = jnp.arange(t, dtype=jnp.int32)
+    pos_BT = start_B[:, None] + offsets_T.astype(jnp.int32)[None, :]
     b_BT = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
     return cache_LBSGD.at[layer, b_BT, pos_BT].set(new_BTGD.astype(cache_LBSGD.dtype),
                                                    mode="drop")

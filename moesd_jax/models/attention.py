@@ -1,9 +1,14 @@
 """GQA attention over a static KV cache with an optional tree mask.
 
-Queries of step t (T per step) see: every committed cache position s < start_b, plus the
-new block's positions start_b + j for which ``tree_mask[t, j]`` (causal by default).
-Trees pass their ancestor mask; chains and prefill use the causal default. Attention
-reads the cache in blocks up to the longest live row (:func:`cached_attention`), so its
+Cache slots below a row's committed length ``start_b`` are visible to every new query;
+slots at or above it are *uncommitted* and visible only through the tree mask: a query
+sees slot ``start_b + j`` of the *tree region* ``[start_b, start_b + W)`` iff
+``tree_mask[t, j]``. The T new tokens are written into the region at offsets
+``write_offsets_T`` (default ``0..T-1``, with a causal ``[T, T]`` mask). Trees pass their
+ancestor mask; a tree drafter that feeds one level at a time writes each level's nodes at
+their own offsets and its mask rows reach the ancestors written by earlier calls, so no
+node is fed twice. Chains and prefill use the causal default. Attention reads the cache
+in blocks up to the longest live row plus the region (:func:`cached_attention`), so its
 cost follows the live length, not the cache capacity.
 """
 
@@ -25,27 +30,28 @@ KV_BLOCK = 128
 
 
 def build_mask(start_B: jax.Array, t: int, slots_S: jax.Array, tree_mask=None) -> jax.Array:
-    """Attention mask [B, T, S'] of T new tokens written at ``start_B`` over cache slots.
+    """Attention mask [B, T, S'] of T new queries over cache slots ``slots_S``.
 
     Args:
-      start_B: int32 [B] first new position per row (= committed length).
+      start_B: int32 [B] committed length per row (= first slot of the tree region).
       t: T new tokens.
       slots_S: int32 [S'] the cache slot indices the mask covers (a block of the cache).
-      tree_mask: bool [T, T] or [B, T, T], ``tree_mask[i, j]`` = token j is an ancestor of
-        (or is) token i. None = causal.
+      tree_mask: bool [T, W] or [B, T, W]: ``tree_mask[i, j]`` = query i sees region slot
+        ``start + j`` (an ancestor of i, or i itself). None = causal ``[T, T]``.
     """
     b = start_B.shape[0]
     s = slots_S.shape[0]
     if tree_mask is None:
         tree_mask = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    w = tree_mask.shape[-1]
     if tree_mask.ndim == 2:
-        tree_mask = jnp.broadcast_to(tree_mask[None], (b, t, t))
+        tree_mask = jnp.broadcast_to(tree_mask[None], (b, t, w))
     rel_BS = slots_S[None, :] - start_B[:, None]
-    in_block_BS = (rel_BS >= 0) & (rel_BS < t)
-    idx_BS = jnp.clip(rel_BS, 0, t - 1)
-    block_BTS = jnp.take_along_axis(tree_mask, jnp.broadcast_to(idx_BS[:, None, :], (b, t, s)),
-                                    axis=2)
-    return (rel_BS < 0)[:, None, :] | (in_block_BS[:, None, :] & block_BTS)
+    in_region_BS = (rel_BS >= 0) & (rel_BS < w)
+    idx_BS = jnp.clip(rel_BS, 0, w - 1)
+    region_BTS = jnp.take_along_axis(tree_mask,
+                                     jnp.broadcast_to(idx_BS[:, None, :], (b, t, s)), axis=2)
+    return (rel_BS < 0)[:, None, :] | (in_region_BS[:, None, :] & region_BTS)
 
 
 def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=None,
@@ -53,15 +59,16 @@ def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=N
     """Attention of T new queries over one layer of the cache, up to the longest live row.
 
     The cache is read in blocks of ``block`` slots with an online softmax (running max and
-    normaliser, as in flash attention); the number of blocks is ``ceil((max(start_B) + T)
-    / block)``, a run-time bound, so a 64-token context costs the same in a 4,096-slot
-    cache as in a 128-slot one and nothing copies or transposes the whole layer. Static
-    shapes throughout: the last block is clamped inside the cache and its slots already
-    covered by the previous block are masked.
+    normaliser, as in flash attention); the number of blocks is ``ceil((max(start_B) + W)
+    / block)`` (W = the tree region's width, T by default), a run-time bound, so a
+    64-token context costs the same in a 4,096-slot cache as in a 128-slot one and nothing
+    copies or transposes the whole layer. Static shapes throughout: the last block is
+    clamped inside the cache and its slots already covered by the previous block are
+    masked.
 
     Args:
       q_BTGRC: queries [B, T, G, R, C] (R query heads per kv head), RoPE applied.
-      k_cache, v_cache: [L, B, S, G, C] with this step's K/V already written at start_B.
+      k_cache, v_cache: [L, B, S, G, C] with this step's K/V already written in the region.
       layer: static layer index. start_B: int32 [B] committed length per row.
       tree_mask: see :func:`build_mask`.
 
@@ -73,7 +80,8 @@ def cached_attention(q_BTGRC, k_cache, v_cache, layer: int, start_B, tree_mask=N
     blk = min(block, s)
     dt = q_BTGRC.dtype
     q = q_BTGRC.astype(jnp.float32) * (c**-0.5)
-    n_blocks = (jnp.max(start_B) + t + blk - 1) // blk
+    w = t if tree_mask is None else tree_mask.shape[-1]
+    n_blocks = (jnp.max(start_B) + w + blk - 1) // blk
 
     def block(i, carry):
         m_BGRT, l_BGRT, acc_BGRTC = carry
@@ -132,8 +140,9 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(g * dh, cfg.rms_eps, dt)
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, layer: int, start_B,
-                 tree_mask=None):
-        """Returns (out_BTD, k_cache, v_cache) with this step's K/V written at start_B."""
+                 tree_mask=None, write_offsets_T=None):
+        """Returns (out_BTD, k_cache, v_cache) with this step's K/V written at
+        ``start_B + write_offsets_T`` (default ``start_B + [0, T)``)."""
         cfg = self.cfg
         b, t, _ = x_BTD.shape
         h, g, dh = cfg.num_heads, cfg.num_kv_heads, cfg.dh
@@ -157,8 +166,8 @@ class Attention(nnx.Module):
         k = rope(k, positions_BT, cfg.rope_theta)
 
         with jax.named_scope("kv_write"):
-            k_cache = kv_cache.write(k_cache, layer, k, start_B)
-            v_cache = kv_cache.write(v_cache, layer, v, start_B)
+            k_cache = kv_cache.write(k_cache, layer, k, start_B, write_offsets_T)
+            v_cache = kv_cache.write(v_cache, layer, v, start_B, write_offsets_T)
         r = h // g
         with jax.named_scope("attend"):
             out = cached_attention(q.reshape(b, t, g, r, dh), k_cache, v_cache, layer, start_B,

@@ -33,11 +33,12 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.param_dtype, rngs)
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
-                 token_valid_BT, dispatch, root_BT=None):
+                 token_valid_BT, dispatch, root_BT=None, write_offsets_T=None):
         b, t, d = x_BTD.shape
         with jax.named_scope("attention"):
             a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
-                                            v_cache, self.layer, start_B, tree_mask)
+                                            v_cache, self.layer, start_B, tree_mask,
+                                            write_offsets_T)
         x_BTD = x_BTD + a
         h = self.ffn_norm(x_BTD)
         ids = None
@@ -74,36 +75,47 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
                  tree_mask: jax.Array | None = None, token_valid_BT: jax.Array | None = None,
                  return_routing: bool = False, dispatch: str | None = None,
-                 root_BT: jax.Array | None = None):
+                 root_BT: jax.Array | None = None, write_offsets_T: jax.Array | None = None,
+                 hidden_layers: tuple[int, ...] | None = None):
         """Forward T new tokens per row.
 
         Args:
           tokens_BT: int32 token ids.
           positions_BT: int32 RoPE positions (tree nodes: length + depth).
-          cache: KV cache; new entries are written at ``cache.lengths + [0, T)``.
-          tree_mask: bool [T, T] or [B, T, T] ancestor mask among the new tokens (None =
-            causal).
+          cache: KV cache; new entries are written at ``cache.lengths + write_offsets_T``.
+          tree_mask: bool [T, W] or [B, T, W]: which slots of the tree region
+            ``[lengths, lengths + W)`` each new token sees (its ancestors and itself);
+            slots below ``lengths`` are always visible. None = causal ``[T, T]``.
           token_valid_BT: bool; False tokens (padding, masked drafts) dispatch to no
             expert. Their outputs are meaningless.
           return_routing: also return routed expert ids.
           dispatch: override ``MoEConfig.dispatch`` for this call.
           root_BT: bool; each row's root (pending) token, which keeps its natural experts
             under a ``*_budgeted`` dispatch.
+          write_offsets_T: int32 [T] region offsets of the new tokens' K/V (default
+            ``[0, T)``); a tree drafter writes one level's nodes at their node slots.
+          hidden_layers: static layer indices whose output hidden states are returned too
+            (a feature-level drafter such as EAGLE reads them from the verify forward).
 
         Returns:
           (logits_BTV float32, cache with K/V written and lengths unchanged,
-           routing int16 [B, T, L_moe, K] or None)
+           routing int16 [B, T, L_moe, K] or None), plus, with ``hidden_layers``, the
+           hidden states ``[B, T, len(hidden_layers) * D]`` in the compute dtype.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
         x = self.embed(tokens_BT, dt)
         k_cache, v_cache, start = cache.k, cache.v, cache.lengths
         routing = []
-        for layer in self.layers:
+        hidden = {}
+        for i, layer in enumerate(self.layers):
             x, k_cache, v_cache, ids = layer(x, positions_BT, k_cache, v_cache, start,
-                                             tree_mask, token_valid_BT, dispatch, root_BT)
+                                             tree_mask, token_valid_BT, dispatch, root_BT,
+                                             write_offsets_T)
             if ids is not None:
                 routing.append(ids)
+            if hidden_layers is not None and i in hidden_layers:
+                hidden[i] = x
         x = self.final_norm(x)
         with jax.named_scope("lm_head"):
             if cfg.tie_embeddings:
@@ -114,6 +126,13 @@ class Transformer(nnx.Module):
         rt = None
         if return_routing and routing:
             rt = jnp.stack(routing, axis=2).astype(jnp.int16)
+        if hidden_layers is not None:
+            bad = [i for i in hidden_layers if not 0 <= i < cfg.num_layers]
+            if bad:
+                raise ValueError(f"hidden_layers={list(hidden_layers)}: layer {bad[0]} is "
+                                 f"outside [0, {cfg.num_layers})")
+            feats = jnp.concatenate([hidden[i] for i in hidden_layers], axis=-1)
+            return logits.astype(jnp.float32), new_cache, rt, feats
         return logits.astype(jnp.float32), new_cache, rt
 
 

@@ -11,8 +11,9 @@ rows. A background thread repeats:
    batch-axis leaf of the state, the caches' k/v on axis 1);
 3. step: ONE compiled ``loop.step`` (draft -> verify -> accept -> commit) for all slots;
    done/free rows are frozen and dispatch to no expert;
-4. read back the small per-row arrays (lengths, done flags, tokens, counters) and push
-   the new tokens of every request to its stream.
+4. read back the small per-row arrays (lengths, done flags, counters) and each row's
+   last D + 2 tokens (never the whole token buffer) and push the new tokens of every
+   request to its stream.
 
 Every row's computation is independent of the other rows (per-row lengths, masks, keys
 and sampling parameters), so a request's output does not depend on what else is in the
@@ -63,6 +64,7 @@ from moesd_jax.serving.slots import (  # noqa: F401
     is_row_field,
     place_models,
     retire,
+    token_tail,
 )
 from moesd_jax.spec import loop
 from moesd_jax.spec.decoder import SpecDecoder
@@ -174,6 +176,10 @@ class Engine:
         self._admit_fn = jax.jit(functools.partial(self._admit_impl, cfg), donate_argnums=(2,),
                                  out_shardings=out)
         self._retire_fn = jax.jit(retire, donate_argnums=(0,), out_shardings=out)
+        # new tokens per row between two read-backs: the first token from admission plus
+        # one step's accepted drafts and bonus token
+        self._tail_width = cfg.accept_positions + 2
+        self._tail_fn = jax.jit(functools.partial(token_tail, self._tail_width))
         self.state: DecodeState = self._empty_state()
 
         self.lock = threading.Lock()
@@ -505,12 +511,17 @@ class Engine:
                     self._finish(h, h.cancel_reason or "abort")
 
     def _read_back(self, stepped: bool) -> None:
+        """Reads the small per-row arrays and each row's last few tokens (never the whole
+        token buffer) and streams the new tokens."""
         s = self.state
         st = s.stats
-        tokens, seq_len, plen, done, it, dr, ac, ap, uniq, vsteps = jax.device_get(
-            (s.tokens_BN, s.seq_len_B, s.prompt_len_B, s.done_B, st.iterations_B,
+        with self._ctx():
+            tail = self._tail_fn(s)
+        tail, seq_len, plen, done, it, dr, ac, ap, uniq, vsteps = jax.device_get(
+            (tail, s.seq_len_B, s.prompt_len_B, s.done_B, st.iterations_B,
              st.drafted_B, st.accepted_B, st.accepted_pos_BK, st.unique_experts_L,
              st.verify_steps))
+        w = self._tail_width
         now = time.monotonic()
         new_total = 0
         finished = []
@@ -530,7 +541,11 @@ class Engine:
                 if h is None:
                     continue
                 p0 = int(plen[slot]) + len(h.tokens)
-                new = tokens[slot, p0:int(seq_len[slot])].tolist()
+                n_new = int(seq_len[slot]) - p0
+                if n_new > w:  # cannot happen with one step per read-back; stay exact
+                    new = np.asarray(s.tokens_BN[slot, p0:int(seq_len[slot])]).tolist()
+                else:
+                    new = tail[slot, w - n_new:].tolist() if n_new > 0 else []
                 cur = (int(it[slot]), int(dr[slot]), int(ac[slot]), ap[slot].astype(np.int64))
                 pi, pd, pa, pp = h.prev_stats
                 drafts = cur[0] - pi if self.cfg.k_eff > 0 else 0

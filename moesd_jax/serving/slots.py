@@ -54,6 +54,14 @@ def insert(state: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState
     return state.replace(**out)
 
 
+def token_tail(width: int, state: DecodeState) -> jax.Array:
+    """The last ``width`` tokens of every row's buffer, ending at ``seq_len`` ([B, width],
+    left-clamped at slot 0): what the engine reads back per step instead of the whole
+    ``[slots, max_len]`` buffer."""
+    idx = state.seq_len_B[:, None] - width + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.take_along_axis(state.tokens_BN, jnp.maximum(idx, 0), axis=1)
+
+
 def retire(state: DecodeState, mask_B: jax.Array) -> DecodeState:
     """Marks the rows in ``mask_B`` done: they stop computing and dispatch to no expert."""
     return state.replace(done_B=state.done_B | mask_B)

@@ -19,6 +19,7 @@ from flax import nnx
 from moesd_jax import sharding
 from moesd_jax.config import SpecConfig
 from moesd_jax.distributed import process_allgather
+from moesd_jax.kv_cache import KVCache
 from moesd_jax.models.transformer import Transformer
 from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
 from moesd_jax.spec.tree import load_tree
@@ -48,6 +49,7 @@ def row_stats(state: DecodeState, row: int, k: int) -> dict:
         "drafted": int(st.drafted_B[row]),
         "accepted": acc,
         "accepted_per_position": [int(x) for x in st.accepted_pos_BK[row][:k]],
+        "draft_fed": int(st.draft_fed_B[row]),
         "mean_acceptance_length": (1.0 + acc / it) if it else 1.0,
     }
 
@@ -68,7 +70,7 @@ class SpecDecoder:
       target: the target model.
       draft: the draft model (for ``spec.method == "draft"``), sharing the tokenizer.
       spec: speculation config (method, k, ngram_n; ``tree``: a named tree such as
-        ``tree-15`` or a YAML path, drafted by the draft model, see ``spec/tree.py``).
+        ``tree-15`` or a YAML path, filled by any proposer, see ``spec/tree.py``).
       max_len: token buffer / KV cache capacity per row (prompt + new tokens + K + 1;
         with a tree of N nodes: + N + 1). None: sized per call from the work (the
         longest prompt + max_new_tokens + K + 1, rounded up to a multiple of
@@ -89,19 +91,16 @@ class SpecDecoder:
         spec = spec or SpecConfig(method="none")
         if spec.method == "draft" and draft is None:
             raise ValueError("spec.method='draft' needs a draft model")
+        if spec.method == "eagle" and draft is None:
+            raise ValueError("spec.method='eagle' needs an EagleHead as draft")
         if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
             raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} != target vocab_size="
                              f"{target.cfg.vocab_size}: they must share a tokenizer")
-        tree = None
-        if spec.tree is not None and spec.method in ("ngram", "oracle"):
-            name = "prompt-lookup" if spec.method == "ngram" else spec.method
-            raise ValueError(f"spec.tree={spec.tree!r} needs spec.method='draft': the "
-                             f"{name} drafter proposes chains only")
-        if spec.tree is not None and spec.method == "draft":
-            tree = load_tree(spec.tree).paths
-            if budget_fields(target.cfg):
-                raise ValueError(f"moe.dispatch={target.cfg.moe.dispatch!r}: expert budgets "
-                                 "are implemented for chains only; drop spec.tree")
+        tree, k = None, spec.k
+        if spec.tree is not None and spec.method != "none":
+            t = load_tree(spec.tree)
+            # a chain-shaped tree is the chain: one config, one compiled program
+            tree, k = (None, t.depth) if t.is_chain else (t.paths, t.num_nodes)
         self.spec = spec
         self.plan = sharding.as_plan(mesh)
         if self.plan is not None:
@@ -109,9 +108,13 @@ class SpecDecoder:
             draft = self.plan.shard_model(draft) if draft is not None else None
         self.target = nnx.split(target)
         self.draft = nnx.split(draft) if (draft is not None and spec.method == "draft") else None
+        if spec.method == "eagle":  # (graphdef, {head state, the target's embedding})
+            from moesd_jax.spec.eagle import eagle_params
+
+            self.draft = eagle_params(draft, target)
         tc = target.cfg
         self.fixed_max_len = max_len is not None
-        self.cfg = LoopConfig(method=spec.method, k=spec.k, max_len=max_len or tc.max_seq_len,
+        self.cfg = LoopConfig(method=spec.method, k=k, max_len=max_len or tc.max_seq_len,
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
                               num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree,
                               oracle_acceptance=spec.oracle_acceptance if spec.method == "oracle"
@@ -125,8 +128,11 @@ class SpecDecoder:
         self.trace_count += 1  # Python side effect: runs only when jax traces
         state = generate_loop(cfg, target, draft, *args)
         if self.plan is not None:  # caches (and so the loop carry) laid out per the rules
+            ps = state.proposer_state
+            if isinstance(ps, KVCache):
+                ps = self.plan.constrain_cache(ps)
             state = state.replace(target_cache=self.plan.constrain_cache(state.target_cache),
-                                  draft_cache=self.plan.constrain_cache(state.draft_cache))
+                                  proposer_state=ps)
         return state
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],

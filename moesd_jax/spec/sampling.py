@@ -127,3 +127,102 @@ def split_rows(key_B: jax.Array):
     """Splits each row's key into (carry, use)."""
     ks = jax.vmap(lambda k: jax.random.split(k))(key_B)
     return ks[:, 0], ks[:, 1]
+
+
+def _sibling_rejected(p_BV, q_BV, tok_B):
+    """After rejecting sibling ``tok``: the residual target norm(max(0, p - q)) and the
+    draft distribution the next sibling was drawn from (q without ``tok``)."""
+    q_wo = jnp.where(jnp.arange(q_BV.shape[-1])[None, :] == tok_B[:, None], 0.0, q_BV)
+    z = jnp.sum(q_wo, axis=-1, keepdims=True)
+    return residual(p_BV, q_BV), jnp.where(z > 0, q_wo / jnp.maximum(z, 1e-30), 0.0)
+
+
+def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
+    """Lossless acceptance over a static token tree (a chain is the tree of width 1).
+
+    Greedy rows: the longest root-to-node path whose every token equals the target's
+    argmax at its parent; the next token is the argmax at the last accepted node.
+
+    Sampled rows: multi-candidate recursive rejection sampling over siblings (SpecInfer,
+    Miao et al. 2023; Recursive Speculative Decoding, Jeon et al. 2024). At the current
+    node with target distribution p and draft distribution q, the children c_1..c_w
+    (drawn from q without replacement) are tried in rank order: c_i is accepted with
+    probability min(1, p(c_i) / q(c_i)) and the walk descends into it; on rejection
+    ``p <- norm(max(0, p - q))`` and ``q <- q without c_i, renormalised`` (the
+    distribution the next sibling was drawn from). A deterministic proposer
+    (``q_BTV=None``) proposes each sibling as a point mass: c_i is accepted with
+    probability p(c_i) and rejection removes c_i from p. If every child is rejected the
+    next token is drawn from the final residual p; if a leaf is accepted the bonus token
+    is drawn from the target at that leaf. By induction over the siblings the emitted
+    token is distributed exactly as p. For a chain this is Leviathan et al.'s rule with
+    the same random numbers as :func:`rejection_sample_chain`.
+
+    Args:
+      tree: the static ``TokenTree``.
+      key_B: per-row keys (split as in ``rejection_sample_chain``: the uniforms of node i
+        are ``uniform(ku, (N,))[i - 1]``, the next token uses ``kr``).
+      node_tok_BT: int32 [B, N+1] node tokens (root first).
+      q_BTV: draft distributions at the nodes, or None (deterministic proposer).
+      p_BTV: target distributions at the nodes (after temperature / top-k / top-p).
+      greedy_B: rows accepting by argmax match.
+
+    Returns:
+      (path_BP int32 [B, D+1] accepted node indices, root first, padded with the last
+       accepted node; num_accepted_B int32 in [0, D]; next_token_B int32).
+    """
+    b, t, v = p_BTV.shape
+    n = tree.num_nodes
+    ku, kr = jax.vmap(lambda x: tuple(jax.random.split(x)))(key_B)
+    u_BN = jax.vmap(lambda x: jax.random.uniform(x, (n,)))(ku)
+    u_BT = jnp.concatenate([jnp.ones((b, 1), u_BN.dtype), u_BN], axis=1)
+    rows = jnp.arange(b)
+    children = jnp.asarray(tree.children)
+    nch = jnp.asarray(tree.num_children)
+    w = int(tree.num_children.max())
+    point = q_BTV is None
+
+    def sibling(i, c):
+        cur, stopped, p_cur, q_cur, amax, acc = c
+        child = children[cur, i]
+        tok = node_tok_BT[rows, child]
+        qc = jnp.ones((b,), p_cur.dtype) if point else q_cur[rows, tok]
+        pc = p_cur[rows, tok]
+        live = (i < nch[cur]) & (acc < 0) & ~stopped
+        ok = live & jnp.where(greedy_B, tok == amax, (qc > 0) & (u_BT[rows, child] * qc < pc))
+        rej = live & ~ok & ~greedy_B & (qc > 0)
+
+        def update(pq):
+            p_cur, q_cur = pq
+            if point:
+                p_new = residual(p_cur, jax.nn.one_hot(tok, v, dtype=p_cur.dtype))
+                q_new = q_cur
+            else:
+                p_new, q_new = _sibling_rejected(p_cur, q_cur, tok)
+            return (jnp.where(rej[:, None], p_new, p_cur),
+                    jnp.where(rej[:, None], q_new, q_cur))
+
+        # greedy rows never update the residual: skip the [B, V] work when none is due
+        p_cur, q_cur = jax.lax.cond(jnp.any(rej), update, lambda pq: pq, (p_cur, q_cur))
+        return cur, stopped, p_cur, q_cur, amax, jnp.where(ok, child, acc)
+
+    def depth_step(carry, _):
+        cur, stopped, n_acc, final = carry
+        p_cur = p_BTV[rows, cur]
+        q_cur = jnp.zeros((b, 1), p_cur.dtype) if point else q_BTV[rows, cur]
+        init = (cur, stopped, p_cur, q_cur, jnp.argmax(p_cur, axis=-1),
+                jnp.full((b,), -1, jnp.int32))
+        *_, p_cur, _, _, acc = jax.lax.fori_loop(0, w, sibling, init)
+        stop_now = ~stopped & (acc < 0)
+        final = jnp.where(stop_now[:, None], p_cur, final)
+        stopped = stopped | stop_now
+        cur = jnp.where(stopped, cur, acc)
+        n_acc = n_acc + (~stopped).astype(jnp.int32)
+        return (cur, stopped, n_acc, final), cur
+
+    zeros = jnp.zeros((b,), jnp.int32)
+    (cur, stopped, n_acc, final), path = jax.lax.scan(
+        depth_step, (zeros, jnp.zeros((b,), jnp.bool_), zeros, p_BTV[:, 0]), None,
+        length=tree.depth)
+    final = jnp.where(stopped[:, None], final, p_BTV[rows, cur])  # bonus: p at the leaf
+    path_BP = jnp.concatenate([zeros[:, None], path.T], axis=1)
+    return path_BP, n_acc, sample(kr, final)

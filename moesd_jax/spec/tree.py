@@ -1,4 +1,4 @@
-"""Static token trees: topology, tree drafting with a draft model, lossless tree acceptance.
+"""Static token trees: the topology and the named trees.
 
 Topology
 --------
@@ -16,50 +16,9 @@ Named trees live in ``configs/spec/tree-*.yaml`` (``paths: [[0], [1], [0, 0], ..
 ``widths: [w_1, w_2, ...]``, a full tree where every node at depth d-1 has w_d children);
 :func:`load_tree` resolves ``tree-15`` or any YAML path.
 
-Drafting (:func:`draft_model_tree`)
------------------------------------
-One draft forward per depth level (D forwards for a tree of depth D, like K forwards for a
-chain of K). The children of a node are the top-w tokens of the draft distribution q at
-that node (greedy rows: top-w draft logits), w = its number of children. Sampled rows draw
-the children **without replacement** from q (Gumbel-top-w, Kool et al. 2019), which is
-what makes the sibling residual update below exact. For w = 1 this is exactly
-``jax.random.categorical`` with the same key, so a chain-shaped tree reproduces the chain
-drafter's samples.
-
-The model's attention treats every cache entry before ``cache.lengths`` as visible and
-takes a tree mask only among the T new tokens, so a level's nodes cannot attend to
-earlier levels' nodes written by an earlier forward. Each level forward therefore
-re-feeds the breadth-first prefix of nodes 1..m (m = the last node that has children)
-with the ancestor mask; nodes not drafted yet are placeholders that no real node
-attends to and that dispatch to no expert. All levels then share one shape, so they run
-as one ``lax.scan`` body (one compiled draft forward whatever the depth), and the last
-level leaves every non-leaf node's draft K/V at its breadth-first cache slot
-``pos0 + node``, the target's verify layout. Leaves never need draft K/V: a leaf is only
-ever the last accepted node, which the next iteration re-feeds ("lazy by one", see
-``drafters.draft_model_chain``). Cost: (D-1) * m draft tokens per iteration instead of N
-(an attention that accepted a mask over earlier uncommitted cache entries would let each
-level feed only its own nodes). The prompt-lookup drafter stays chain-only.
-
-Acceptance (:func:`rejection_sample_tree`)
-------------------------------------------
-Greedy rows: the longest root-to-node path whose every token equals the target's argmax
-at its parent; the next token is the argmax at the last accepted node.
-
-Sampled rows: multi-candidate recursive rejection sampling over siblings (SpecInfer's
-multi-step speculative sampling, Miao et al. 2023; recursive rejection sampling without
-replacement, Jeon et al. 2024, "Recursive Speculative Decoding"). At the current node
-with target distribution p and draft distribution q, the children c_1..c_w (drawn from q
-without replacement) are tried in rank order: c_i is accepted with probability
-min(1, p(c_i) / q(c_i)) and the walk descends into it; on rejection
-``p <- norm(max(0, p - q))`` (the rejected draft's mass is subtracted) and
-``q <- q with c_i removed, renormalised`` (the distribution the next sibling was actually
-drawn from). If every child is rejected the next token is drawn from the final residual
-p; if a leaf is accepted the bonus token is drawn from the target at that leaf. By
-induction over the siblings the emitted token is distributed exactly as p, so the
-generated sequence has exactly the target's distribution.
-
-Commit (``loop._tree_step``): ``kv_cache.compact`` moves the accepted path's K/V (target
-and draft caches, per row) to contiguous positions.
+Drafting lives with the proposers (``spec/proposers.py``), acceptance in
+``spec/sampling.py`` (:func:`~moesd_jax.spec.sampling.rejection_sample_tree`), and the one
+draft -> verify -> accept -> commit step that uses both in ``spec/loop.py``.
 """
 
 from __future__ import annotations
@@ -69,15 +28,10 @@ import functools
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from moesd_jax.config import ConfigError, resolve_config_path
-from moesd_jax.kv_cache import KVCache
-from moesd_jax.models.transformer import apply
-from moesd_jax.spec.sampling import filter_probs, residual, sample, split_rows
 
 Paths = tuple[tuple[int, ...], ...]
 
@@ -318,197 +272,3 @@ def load_tree(name_or_path: str | Path | Sequence | TokenTree) -> TokenTree:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return TokenTree.from_paths(paths)
-
-
-# ---------------------------------------------------------------------------------------
-# drafting
-
-
-def _level_tables(tree: TokenTree):
-    """Static per-level tables for drafting, padded so every level has the same shape.
-
-    Returns numpy int32 arrays with a leading axis over depths d = 0..D-1:
-      parents [D, P]: nodes of depth d that have children (N+1 = padding),
-      kids [D, C]: their children, in BFS order (N+1 = padding),
-      kid_parent [D, C]: the child's parent as an index into ``parents[d]``,
-      kid_rank [D, C]: the child's rank.
-    """
-    n = tree.num_nodes
-    levels = []
-    for d in range(tree.depth):
-        par = [int(i) for i in tree.nodes_at(d) if tree.num_children[i] > 0]
-        kids = [int(c) for p in par for c in tree.children[p, : tree.num_children[p]]]
-        local = {p: j for j, p in enumerate(par)}
-        levels.append((par, kids, [local[int(tree.parents[c])] for c in kids],
-                       [int(tree.ranks[c]) for c in kids]))
-    pm = max(len(x[0]) for x in levels)
-    cm = max(len(x[1]) for x in levels)
-    pad = lambda xs, m, v: [list(x) + [v] * (m - len(x)) for x in xs]
-    return (np.asarray(pad([x[0] for x in levels], pm, n + 1), np.int32),
-            np.asarray(pad([x[1] for x in levels], cm, n + 1), np.int32),
-            np.asarray(pad([x[2] for x in levels], cm, 0), np.int32),
-            np.asarray(pad([x[3] for x in levels], cm, 0), np.int32))
-
-
-def _expand(par_logits_BPV, node_tok, q_all, parents_P, kids_C, kid_parent_C, kid_rank_C,
-            w: int, temperature_B, top_k_B, top_p_B, use_B):
-    """Draws the children of one level's parents and stores tokens and q by node index.
-
-    Children are the top-w draft logits (greedy rows) or w draws without replacement from
-    q (Gumbel-top-w; for one parent and w = 1 this is ``jax.random.categorical(use, log
-    q)`` exactly, as in the chain drafter). Padded entries (index N+1) are dropped.
-    """
-    b, npar, v = par_logits_BPV.shape
-    q = filter_probs(par_logits_BPV.reshape(b * npar, v), jnp.repeat(temperature_B, npar),
-                     jnp.repeat(top_k_B, npar), jnp.repeat(top_p_B, npar)).reshape(b, npar, v)
-    greedy_B = temperature_B <= 0.0
-
-    def perturbed(logits):  # Gumbel noise only when some row samples
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (npar, v)))(use_B)
-        return jnp.where(greedy_B[:, None, None], logits, jnp.log(jnp.maximum(q, 0.0)) + gumbel)
-
-    score = jax.lax.cond(jnp.all(greedy_B), lambda x: x, perturbed, par_logits_BPV)
-    _, top_BPW = jax.lax.top_k(score, w)
-    toks = top_BPW[:, kid_parent_C, kid_rank_C].astype(jnp.int32)  # [B, C]
-    node_tok = node_tok.at[:, kids_C].set(toks, mode="drop")
-    q_all = q_all.at[:, parents_P].set(q, mode="drop")
-    return node_tok, q_all
-
-
-def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BN, seq_len_B,
-                     key_B, temperature_B, top_k_B, top_p_B, active_B):
-    """Drafts a static tree with the draft model in D forwards (one per depth level).
-
-    The draft cache is "lazy by one" as in ``drafters.draft_model_chain``: valid for
-    positions < seq_len - 2 at entry; the first forward re-feeds the last committed token
-    and the pending root (T = 2) and gives the root's children. Levels d = 1..D-1 run as
-    one ``lax.scan`` body (one compiled draft forward whatever the depth): each feeds the
-    static prefix of nodes 1..m (every node with children; m = ``feed_prefix(D-1)``) at
-    positions ``pos0 + depth`` with the ancestor mask, written at their BFS slots
-    ``pos0 + node``. Nodes deeper than d hold placeholders then: nothing they feed reaches
-    a node of depth <= d (the mask), they dispatch to no expert, and the next level
-    overwrites their K/V.
-
-    Returns:
-      (node_tok_BT int32 [B, N+1] (root = pending token), q_BTV float32 [B, N+1, V] draft
-       distribution at each node with children (zeros at leaves), draft cache, key_B).
-    """
-    b = tokens_BN.shape[0]
-    n = tree.num_nodes
-    pos0 = seq_len_B - 1
-    idx = jnp.stack([pos0 - 1, pos0], axis=1)
-    first_BT = jnp.take_along_axis(tokens_BN, idx, axis=1)
-    cache = cache.replace(lengths=pos0 - 1)
-    valid = jnp.broadcast_to(active_B[:, None], (b, 2))
-    logits, cache, _ = apply(graphdef, state, first_BT, idx, cache, token_valid_BT=valid)
-    v = logits.shape[-1]
-    parents, kids, kid_parent, kid_rank = _level_tables(tree)
-    w = int(tree.num_children.max())
-    samp = (temperature_B, top_k_B, top_p_B)
-    node_tok = jnp.zeros((b, n + 1), jnp.int32).at[:, 0].set(first_BT[:, 1])
-    q_all = jnp.zeros((b, n + 1, v), jnp.float32)
-    key_B, use = split_rows(key_B)
-    # the root level: its parent list is [0] padded; only the first row is real
-    root_logits = jnp.broadcast_to(logits[:, 1:2], (b, parents.shape[1], v))
-    node_tok, q_all = _expand(root_logits, node_tok, q_all, parents[0], kids[0],
-                              kid_parent[0], kid_rank[0], w, *samp, use)
-    if tree.depth == 1:
-        return node_tok, q_all, cache, key_B
-
-    m = tree.feed_prefix(tree.depth - 1)
-    sl = slice(1, m + 1)
-    pos_BT = pos0[:, None] + jnp.asarray(tree.depths[sl])[None, :]
-    mask = jnp.asarray(tree.ancestor_mask[sl, sl])
-    depth_M = jnp.asarray(tree.depths[sl])
-
-    def level(carry, xs):
-        cache, node_tok, q_all, key_B = carry
-        d, par_P, kids_C, kp_C, kr_C = xs
-        fed = jnp.broadcast_to(active_B[:, None], (b, m)) & (depth_M <= d)[None, :]
-        logits, cache, _ = apply(graphdef, state, node_tok[:, sl], pos_BT,
-                                 cache.replace(lengths=pos0 + 1), tree_mask=mask,
-                                 token_valid_BT=fed)
-        par_logits = jnp.take(logits, jnp.clip(par_P - 1, 0, m - 1), axis=1)
-        key_B, use = split_rows(key_B)
-        node_tok, q_all = _expand(par_logits, node_tok, q_all, par_P, kids_C, kp_C, kr_C, w,
-                                  *samp, use)
-        return (cache, node_tok, q_all, key_B), None
-
-    xs = (jnp.arange(1, tree.depth, dtype=jnp.int32), jnp.asarray(parents[1:]),
-          jnp.asarray(kids[1:]), jnp.asarray(kid_parent[1:]), jnp.asarray(kid_rank[1:]))
-    (cache, node_tok, q_all, key_B), _ = jax.lax.scan(level, (cache, node_tok, q_all, key_B),
-                                                      xs)
-    return node_tok, q_all, cache, key_B
-
-
-# ---------------------------------------------------------------------------------------
-# acceptance
-
-
-def _sibling_rejected(p_BV, q_BV, tok_B):
-    """After rejecting sibling ``tok``: the residual target norm(max(0, p - q)) and the
-    draft distribution the next sibling was drawn from (q without ``tok``)."""
-    q_wo = jnp.where(jnp.arange(q_BV.shape[-1])[None, :] == tok_B[:, None], 0.0, q_BV)
-    z = jnp.sum(q_wo, axis=-1, keepdims=True)
-    return residual(p_BV, q_BV), jnp.where(z > 0, q_wo / jnp.maximum(z, 1e-30), 0.0)
-
-
-def rejection_sample_tree(tree: TokenTree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
-    """Lossless tree acceptance (see the module doc for the rule and references).
-
-    Args:
-      key_B: per-row keys (split as in ``rejection_sample_chain``: the uniforms of node i
-        are ``uniform(ku, (N,))[i - 1]``, the next token uses ``kr``).
-      node_tok_BT: int32 [B, N+1] node tokens (root first).
-      q_BTV: draft distributions at the nodes (the children of node i were drawn from
-        ``q[:, i]`` without replacement).
-      p_BTV: target distributions at the nodes (after temperature / top-k / top-p).
-      greedy_B: rows accepting by argmax match.
-
-    Returns:
-      (path_BP int32 [B, D+1] accepted node indices, root first, padded with the last
-       accepted node; num_accepted_B int32 in [0, D]; next_token_B int32).
-    """
-    b, t, v = p_BTV.shape
-    n = tree.num_nodes
-    ku, kr = jax.vmap(lambda x: tuple(jax.random.split(x)))(key_B)
-    u_BN = jax.vmap(lambda x: jax.random.uniform(x, (n,)))(ku)
-    u_BT = jnp.concatenate([jnp.ones((b, 1), u_BN.dtype), u_BN], axis=1)
-    rows = jnp.arange(b)
-    children = jnp.asarray(tree.children)
-    nch = jnp.asarray(tree.num_children)
-    w = int(tree.num_children.max())
-
-    def sibling(i, c):
-        cur, stopped, p_cur, q_cur, amax, acc = c
-        child = children[cur, i]
-        tok = node_tok_BT[rows, child]
-        qc, pc = q_cur[rows, tok], p_cur[rows, tok]
-        live = (i < nch[cur]) & (acc < 0) & ~stopped
-        ok = live & jnp.where(greedy_B, tok == amax, (qc > 0) & (u_BT[rows, child] * qc < pc))
-        rej = live & ~ok & ~greedy_B & (qc > 0)
-        p_new, q_new = _sibling_rejected(p_cur, q_cur, tok)
-        p_cur = jnp.where(rej[:, None], p_new, p_cur)
-        q_cur = jnp.where(rej[:, None], q_new, q_cur)
-        return cur, stopped, p_cur, q_cur, amax, jnp.where(ok, child, acc)
-
-    def depth_step(carry, _):
-        cur, stopped, n_acc, final = carry
-        p_cur, q_cur = p_BTV[rows, cur], q_BTV[rows, cur]
-        init = (cur, stopped, p_cur, q_cur, jnp.argmax(p_cur, axis=-1),
-                jnp.full((b,), -1, jnp.int32))
-        *_, p_cur, _, _, acc = jax.lax.fori_loop(0, w, sibling, init)
-        stop_now = ~stopped & (acc < 0)
-        final = jnp.where(stop_now[:, None], p_cur, final)
-        stopped = stopped | stop_now
-        cur = jnp.where(stopped, cur, acc)
-        n_acc = n_acc + (~stopped).astype(jnp.int32)
-        return (cur, stopped, n_acc, final), cur
-
-    zeros = jnp.zeros((b,), jnp.int32)
-    (cur, stopped, n_acc, final), path = jax.lax.scan(
-        depth_step, (zeros, jnp.zeros((b,), jnp.bool_), zeros, p_BTV[:, 0]), None,
-        length=tree.depth)
-    final = jnp.where(stopped[:, None], final, p_BTV[rows, cur])  # bonus: p at the leaf
-    path_BP = jnp.concatenate([zeros[:, None], path.T], axis=1)
-    return path_BP, n_acc, sample(kr, final)

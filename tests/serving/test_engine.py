@@ -84,3 +84,23 @@ def test_engine_takes_a_tree_spec(models):
     assert len(eng.counters.accepted_per_pos) == 3
     with pytest.raises(RequestError, match="k \\+ 1 \\(8\\)"):
         eng.check_request([1] * 50, SamplingParams(max_tokens=8))
+
+
+def test_step_loop_reads_back_only_new_tokens(engine, prompts, reference, monkeypatch):
+    """Per step the engine fetches per-row lengths, flags, counters and each row's last
+    D + 2 tokens, never the whole [slots, max_len] token buffer."""
+    import jax
+
+    shapes = []
+    real = jax.device_get
+
+    def spy(x):
+        shapes.extend(tuple(np.shape(a)) for a in jax.tree.leaves(x))
+        return real(x)
+
+    monkeypatch.setattr(jax, "device_get", spy)
+    ev = engine.submit(prompts[0], SamplingParams(max_tokens=REF_MAX)).result(timeout=120)
+    assert ev.all_token_ids == reference[0]
+    tail = (engine.slots, engine.cfg.accept_positions + 2)
+    assert tail in shapes
+    assert (engine.slots, engine.max_len) not in shapes

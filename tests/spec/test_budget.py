@@ -52,6 +52,14 @@ def test_prune_budget_is_lossless(models):
     # tokens took more iterations than without a budget (and every row still advanced)
     full = SpecDecoder(target, draft, SpecConfig(method="draft", k=4)).generate(PROMPTS, 20)
     assert sum(r.stats["iterations"] for r in res) > sum(r.stats["iterations"] for r in full)
+    # the same rule on a tree, through the same step: a node that lost an expert cuts
+    # the accepted path there, and greedy output is still the unbudgeted target's
+    tree = SpecDecoder(budgeted, draft, SpecConfig(method="draft", tree="tree-7"))
+    res = tree.generate(PROMPTS, 20)
+    assert [r.token_ids for r in res] == ar
+    full = SpecDecoder(target, draft, SpecConfig(method="draft", tree="tree-7"))
+    assert (sum(r.stats["iterations"] for r in res)
+            > sum(r.stats["iterations"] for r in full.generate(PROMPTS, 20)))
 
 
 def test_moe_block_budget_caps_loaded_experts(models):

@@ -96,31 +96,33 @@ def test_always_wrong_and_always_right_drafters(models, ar_tokens):
 
 
 class _AlwaysWrong(SpecDecoder):
-    """Drafts (argmax + 1) mod V: never the target's greedy token."""
+    """Drafts (draft token + 1) mod V with the target as draft: never the target's greedy
+    token. A proposer wrapped around the draft model, swapped in for the call."""
 
     def __init__(self, target, k):
         super().__init__(target, target, SpecConfig(method="draft", k=k))
-        import moesd_jax.spec.drafters as drafters
-
-        orig = drafters.draft_model_chain
-
-        def wrong(*args, **kw):
-            d, q, cache, key = orig(*args, **kw)
-            import jax
-
-            d = (d + 1) % q.shape[-1]
-            return d, jax.nn.one_hot(d, q.shape[-1]), cache, key
-
-        self._orig, self._wrong = orig, wrong
 
     def generate(self, *a, **kw):
-        import moesd_jax.spec.drafters as drafters
+        import jax
 
-        drafters.draft_model_chain = self._wrong
+        from moesd_jax.spec import proposers
+
+        orig = proposers.get("draft")
+
+        class Wrong(proposers.DraftModel):
+            def propose(self, cfg, tree, params, s, active_B):
+                prop = orig.propose(cfg, tree, params, s, active_B)
+                v = prop.q_BTV.shape[-1]
+                tok = prop.tokens_BT.at[:, 1:].set((prop.tokens_BT[:, 1:] + 1) % v)
+                q = jax.nn.one_hot(tok[:, 1:], v)  # node i's child (i + 1), drawn from q_i
+                q = jax.numpy.concatenate([q, jax.numpy.zeros_like(q[:, :1])], axis=1)
+                return prop.replace(tokens_BT=tok, q_BTV=q)
+
+        proposers.register(Wrong())
         try:
             return super().generate(*a, **kw)
         finally:
-            drafters.draft_model_chain = self._orig
+            proposers.register(orig)
 
 
 def test_no_recompile_across_calls(models):

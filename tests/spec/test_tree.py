@@ -11,15 +11,16 @@ import pytest
 from scipy import stats
 
 from moesd_jax.config import ConfigError, SpecConfig
-from moesd_jax.spec import tree as tree_mod
+from moesd_jax.spec import proposers
+from moesd_jax.spec import sampling as sampling_mod
 from moesd_jax.spec.decoder import SpecDecoder
+from moesd_jax.spec.sampling import rejection_sample_chain, rejection_sample_tree
 from moesd_jax.spec.tree import (
     TokenTree,
     chain_paths,
     load_tree,
     paths_from_rank_acceptance,
     paths_from_widths,
-    rejection_sample_tree,
     validate_paths,
 )
 from tests.helpers import build, dense_cfg, moe_cfg, perturbed_copy
@@ -100,9 +101,10 @@ def test_load_tree_names_paths_and_errors(tmp_path):
 # the sibling rule on exact distributions (small compile, many keys)
 
 
-def _first_token_sampler(tree, n, seed=0):
+def _first_token_sampler(tree, n, seed=0, point_kids=None):
     """Jitted f(p_root, q_root) -> first token committed by one tree step, over n keys,
-    with the root's children drawn from q_root without replacement (Gumbel-top-w)."""
+    with the root's children drawn from q_root without replacement (Gumbel-top-w), or,
+    with ``point_kids``, fixed children from a deterministic proposer (q = None)."""
     t = tree.num_nodes + 1
     w = int(tree.num_children[0])
 
@@ -111,10 +113,12 @@ def _first_token_sampler(tree, n, seed=0):
         kd, ka = jax.random.split(key)
         g = jax.random.gumbel(kd, (v,))
         _, kids = jax.lax.top_k(jnp.log(q_root) + g, w)
+        if point_kids is not None:
+            kids = jnp.asarray(point_kids, jnp.int32)
         tok = jnp.zeros((t,), jnp.int32).at[1: w + 1].set(kids)
-        q = jnp.zeros((t, v)).at[0].set(q_root)
+        q = None if point_kids is not None else jnp.zeros((t, v)).at[0].set(q_root)[None]
         p = jnp.broadcast_to(p_root, (t, v))  # only the root's p matters for token 1
-        path, n_acc, nxt = rejection_sample_tree(tree, ka[None], tok[None], q[None], p[None],
+        path, n_acc, nxt = rejection_sample_tree(tree, ka[None], tok[None], q, p[None],
                                                  jnp.zeros((1,), bool))
         return jnp.where(n_acc[0] > 0, tok[path[0, 1]], nxt[0])
 
@@ -141,13 +145,43 @@ def test_sibling_rule_is_exact_and_a_wrong_rule_is_not(monkeypatch):
     exact = _first_token_sampler(tree, n)
     ok = _one_sample_p(exact(p, q), p)
     ok2 = _one_sample_p(exact(p2, q2), p2)
+    # a deterministic proposer (prompt lookup) with point-mass siblings, one repeated
+    ok3 = _one_sample_p(_first_token_sampler(tree, n, point_kids=[3, 1, 3])(p, q), p)
     # broken: the rejected sibling's draft mass is not subtracted from the target
-    monkeypatch.setattr(tree_mod, "_sibling_rejected",
+    monkeypatch.setattr(sampling_mod, "_sibling_rejected",
                         lambda p_, q_, tok: (p_, _q_without(q_, tok)))
     bad = _one_sample_p(_first_token_sampler(tree, n)(p, q), p)
-    print(f"sibling rule chi-square p: exact {ok:.3f} (zero-q child {ok2:.3f}), "
-          f"without the residual update {bad:.1e}")
-    assert ok >= 1e-3 and ok2 >= 1e-3 and bad < 1e-3
+    print(f"sibling rule chi-square p: exact {ok:.3f} (zero-q child {ok2:.3f}, point "
+          f"siblings {ok3:.3f}), without the residual update {bad:.1e}")
+    assert ok >= 1e-3 and ok2 >= 1e-3 and ok3 >= 1e-3 and bad < 1e-3
+
+
+@pytest.mark.parametrize("point", [False, True])
+def test_tree_rule_on_a_chain_is_the_chain_rule(point):
+    """One acceptance code path: on a width-1 tree the tree rule gives exactly the chain
+    rule's (Leviathan et al.) accepted count and next token, same keys, for sampled and
+    greedy rows, soft and point-mass drafts."""
+    b, k, v = 64, 4, 6
+    kp, kq, kd, kk = jax.random.split(jax.random.PRNGKey(3), 4)
+    p = jax.nn.softmax(2.0 * jax.random.normal(kp, (b, k + 1, v)), -1)
+    greedy = jnp.arange(b) % 4 == 0
+    p = jnp.where(greedy[:, None, None], jax.nn.one_hot(jnp.argmax(p, -1), v), p)
+    if point:
+        drafts = jax.random.randint(kd, (b, k), 0, v)
+        q = jax.nn.one_hot(drafts, v)
+    else:
+        q = jax.nn.softmax(2.0 * jax.random.normal(kq, (b, k, v)), -1)
+        drafts = jax.vmap(jax.random.categorical)(jax.random.split(kd, b), jnp.log(q))
+    keys = jax.random.split(kk, b)
+    n_c, nxt_c = rejection_sample_chain(keys, drafts, q, p)
+    tree = TokenTree.from_paths(chain_paths(k))
+    tok = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), drafts], axis=1)
+    q_t = None if point else jnp.concatenate([q, jnp.zeros((b, 1, v))], axis=1)
+    path, n_t, nxt_t = rejection_sample_tree(tree, keys, tok, q_t, p, greedy)
+    np.testing.assert_array_equal(n_t, n_c)
+    np.testing.assert_array_equal(nxt_t, nxt_c)
+    np.testing.assert_array_equal(path, np.minimum(np.arange(k + 1)[None], n_c[:, None]))
+    assert 0 < int(jnp.sum(n_c)) < b * k  # some accepted, some rejected
 
 
 def _q_without(q_BV, tok_B):
@@ -226,17 +260,14 @@ def test_greedy_tree_sd_equals_ar_full_grid(decoders, ar_tokens, tree, drafter, 
     _check_greedy(decoders, ar_tokens, tree, drafter, batch)
 
 
-def test_chain_as_tree_equals_chain(decoders, ar_tokens):
-    chain = decoders("chain-4", "moe", 4)
-    as_tree = decoders("tree-chain4", "moe", 4)
-    for kw in ({}, {"temperature": 0.9, "top_p": 0.95, "seed": [11, 12, 13, 14]}):
-        a = chain.generate(PROMPTS, NEW, **kw)
-        b = as_tree.generate(PROMPTS, NEW, **kw)
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert x.token_ids == y.token_ids, (kw, i)
-            assert x.stats == y.stats, (kw, i)
-            if not kw:
-                assert x.token_ids == ar_tokens[i]
+def test_chain_as_tree_is_the_chain_program(models):
+    """A chain-shaped tree and ``k`` give one LoopConfig, so one compiled program: a
+    chain is the width-1 tree of the one step, not a second code path."""
+    for method, draft in (("draft", models["moe"]), ("ngram", None)):
+        chain = SpecDecoder(models["target"], draft, SpecConfig(method=method, k=4))
+        as_tree = SpecDecoder(models["target"], draft,
+                              SpecConfig(method=method, tree="tree-chain4"))
+        assert chain.cfg == as_tree.cfg and chain.cfg.token_tree.is_chain
 
 
 def test_tree_accepts_more_than_chain(decoders):
@@ -302,9 +333,50 @@ def test_stop_tokens_lengths_and_filters(decoders, ar_tokens):
     assert res[0].token_ids == ar_tokens[0] and res[2].token_ids == ar_tokens[2]
 
 
-def test_tree_needs_a_draft_model(models):
-    with pytest.raises(ValueError, match="prompt-lookup drafter proposes chains only"):
-        SpecDecoder(models["target"], spec=SpecConfig(method="ngram", tree="tree-7"))
+def test_prompt_lookup_fills_a_tree(models, ar_tokens):
+    """Greedy prompt lookup over tree-15 == AR, and it accepts more per iteration than
+    the chain of the same depth on repetitive prompts (siblings = other matches)."""
+    rep = [[3, 4, 5, 6, 3, 4, 7, 3, 4, 5, 9, 3, 4], [7, 8, 9] * 5, PROMPTS[0], PROMPTS[2]]
+    ar = [r.token_ids for r in SpecDecoder(models["target"]).generate(rep, NEW)]
+    tree = SpecDecoder(models["target"], spec=SpecConfig(method="ngram", tree="tree-15"))
+    res = tree.generate(rep, NEW)
+    assert [r.token_ids for r in res] == ar
+    assert all(r.stats["drafted"] == 15 * r.stats["iterations"] for r in res)
+    assert sum(r.stats["accepted"] for r in res) > 0
+
+
+def test_ngram_tree_trie_by_rank():
+    """The trie fill: siblings are the distinct continuations of the newest matches."""
+    tree = TokenTree.from_paths(((0,), (1,), (0, 0), (0, 1), (1, 0)))
+    # pattern (last 2 tokens) = [1, 2]; earlier matches, newest first, continue with
+    # [5, 6], [5, 7], [8, 9]; the pending token is 2
+    row = [1, 2, 8, 9, 0, 1, 2, 5, 7, 0, 1, 2, 5, 6, 0, 1, 2]
+    toks = np.zeros((1, 32), np.int32)
+    toks[0, :len(row)] = row
+    got = proposers.ngram_tree(tree, jnp.asarray(toks), jnp.asarray([len(row)]), 2, 16)
+    # nodes: root, (0,)=5, (1,)=8, (0,0)=6, (0,1)=7, (1,0)=9
+    np.testing.assert_array_equal(got[0], [2, 5, 8, 6, 7, 9])
+    # no match at all: every node proposes the pending token
+    got = proposers.ngram_tree(tree, jnp.asarray(toks), jnp.asarray([3]), 2, 16)
+    np.testing.assert_array_equal(got[0], [8] * 6)
+
+
+def test_draft_tree_feeds_each_node_once(models):
+    """The tree drafter feeds the first forward's 2 tokens plus only the nodes that have
+    children, level by level (padded to the widest level), never a node twice."""
+    fed = {name: proposers.draft_tokens_fed(load_tree(name)) for name in SHIPPED}
+    print(f"draft tokens fed per iteration: {fed}")
+    for name, n in SHIPPED.items():
+        t = load_tree(name)
+        internal = int(np.sum(t.num_children[1:] > 0))
+        assert 2 + internal <= fed[name] <= n + 1, name
+    assert fed == {"tree-chain4": 5, "tree-7": 6, "tree-15": 11, "tree-31": 26,
+                   "tree-63": 52}
+    # measured at run time too: the loop counts what it ran through the draft model
+    dec = SpecDecoder(models["target"], models["dense"], SpecConfig(method="draft",
+                                                                   tree="tree-7"))
+    r = dec.generate(PROMPTS[:1], 12)[0]
+    assert r.stats["draft_fed"] == fed["tree-7"] * r.stats["iterations"]
 
 
 # --------------------------------------------------------------------------------------
@@ -335,7 +407,8 @@ def test_sampled_tree_sd_matches_target_distribution(pair, ar_samples):
 # distributions (test_sibling_rule_is_exact_and_a_wrong_rule_is_not); this is end to end
 def test_broken_sibling_rule_is_detected(pair, ar_samples, monkeypatch):
     # broken on purpose: a rejected sibling's draft mass is not subtracted from the target
-    monkeypatch.setattr(tree_mod, "_sibling_rejected", lambda p, q, tok: (p, _q_without(q, tok)))
+    monkeypatch.setattr(sampling_mod, "_sibling_rejected",
+                        lambda p, q, tok: (p, _q_without(q, tok)))
     p = two_sample_p(ar_samples, samples(_tree_sd(pair)))
     print(f"chi-square p (tree-7, broken sibling rule vs AR) = {p:.2e}")
     assert p < 0.001
