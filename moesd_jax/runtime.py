@@ -8,6 +8,7 @@ bundled draft, everywhere alike.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from moesd_jax.config import ConfigError, SpecConfig
@@ -55,8 +56,10 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
     Args:
       model: checkpoint dir or HF dir; None = the bundled target.
       draft: draft checkpoint or HF dir; None with ``spec='draft'`` = the bundled draft.
-      spec: ``none``, ``draft`` or ``ngram``; None = ``draft`` if a draft is given or the
-        bundled pair is used, else ``none``.
+        With ``spec='eagle'``: an EAGLE-3 head directory (native or public layout,
+        ``spec/eagle_io.py``), required.
+      spec: ``none``, ``draft``, ``ngram`` or ``eagle``; None = ``draft`` if a draft is
+        given or the bundled pair is used, else ``none``.
       k: draft tokens per iteration. tree: named tree (``configs/spec``) or YAML path.
       dispatch: override the MoE dispatch backend.
       mesh: sharding strategy (name, MeshConfig or ShardingPlan): parameters are restored
@@ -71,10 +74,12 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
     target_path = str(model) if model else str(bundled_model_dir("target"))
     if spec is None:
         spec = "draft" if (draft or not model) else "none"
-    if spec not in ("none", "draft", "ngram"):
-        raise ConfigError(f"--spec={spec!r} must be none, draft or ngram")
-    if draft and spec != "draft":
-        raise ConfigError(f"--draft given but --spec={spec!r}; use --spec draft")
+    if spec not in ("none", "draft", "ngram", "eagle"):
+        raise ConfigError(f"--spec={spec!r} must be none, draft, ngram or eagle")
+    if draft and spec not in ("draft", "eagle"):
+        raise ConfigError(f"--draft given but --spec={spec!r}; use --spec draft (or eagle)")
+    if spec == "eagle" and not draft:
+        raise ConfigError("--spec eagle needs --draft PATH_TO_EAGLE_HEAD_DIR")
     spec_cfg = SpecConfig(method=spec, k=k, tree=tree, ngram_n=ngram_n)
     spec_cfg.validate()
     if not Path(target_path).exists():
@@ -96,9 +101,16 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         if draft_model.cfg.vocab_size != target.cfg.vocab_size:
             raise ConfigError(f"draft vocab_size={draft_model.cfg.vocab_size} != target "
                               f"vocab_size={target.cfg.vocab_size}: not the same tokenizer")
+    if spec == "eagle":
+        from moesd_jax.spec.eagle_io import load_eagle
+
+        draft_path = str(draft)
+        if not Path(draft_path).exists():
+            raise ConfigError(f"--draft {draft_path!r} does not exist")
+        draft_model = load_eagle(draft_path, target.cfg)
     if mesh is None and param_dtype == "auto":
         cpu_decode_layout(target)
-        if draft_model is not None:
+        if draft_model is not None and spec == "draft":
             cpu_decode_layout(draft_model)
     if tok is None and not model:
         from moesd_jax.data import load_tokenizer
@@ -150,3 +162,27 @@ def cpu_decode_layout(model, min_expert_bytes: int = 1 << 20) -> bool:
     if 3 * model.cfg.d_model * m.expert_dim * itemsize < min_expert_bytes:
         return False
     return moe.unstack_experts(model) > 0
+
+
+DEFAULT_CACHE_DIR = (Path(os.environ.get("MOESD_JAX_CACHE", "~/.cache/moesd_jax")).expanduser()
+                     / "xla")
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache (default ``~/.cache/moesd_jax/xla``).
+
+    Public JAX options only. Every program is cached, however quick to compile, so a
+    restarted server reuses the previous run's executables and the first request does
+    not wait for XLA. JAX decides once per process, at its first compile, whether the
+    cache is used: call this before anything is compiled (``serve.py`` does it first).
+    The same options can come from the environment (``JAX_COMPILATION_CACHE_DIR`` etc.),
+    which is how the test suite shares one cache with the processes it starts.
+    """
+    import jax
+
+    p = Path(path).expanduser() if path is not None else DEFAULT_CACHE_DIR
+    p.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(p))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return p

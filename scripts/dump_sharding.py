@@ -74,7 +74,8 @@ def main(argv=None) -> int:
               f"{jax.device_count()}; set XLA_FLAGS=--xla_force_host_platform_device_count="
               f"{GOLDEN_DEVICES} JAX_PLATFORMS=cpu", file=sys.stderr)
         return 2
-    names = args.strategies or sorted(p.stem for p in (ROOT / "moesd_jax" / "configs" / "mesh").glob("*.yaml"))
+    mesh_dir = ROOT / "moesd_jax" / "configs" / "mesh"
+    names = args.strategies or sorted(p.stem for p in mesh_dir.glob("*.yaml"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moesd_jax.config import ConfigError, MeshConfig, ModelConfig, from_dict, load_config
+from moesd_jax.config import (
+    REPO_CONFIGS,
+    ConfigError,
+    MeshConfig,
+    ModelConfig,
+    from_dict,
+    load_config,
+)
 from moesd_jax.kv_cache import KVCache
 from moesd_jax.models.moe import DISPATCH, dispatch_dense
 from moesd_jax.models.transformer import Transformer, apply
@@ -40,7 +47,7 @@ from tests.sharding_worker import (
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "sharding_golden"
-STRATEGIES = sorted(p.stem for p in (ROOT / "configs" / "mesh").glob("*.yaml"))
+STRATEGIES = sorted(p.stem for p in (REPO_CONFIGS / "mesh").glob("*.yaml"))
 EXPERTS = (8, 16)
 B, T = 8, 5
 

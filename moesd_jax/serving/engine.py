@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +44,10 @@ import numpy as np
 
 from moesd_jax.config import SpecConfig
 from moesd_jax.kv_cache import KVCache
+from moesd_jax.runtime import (  # noqa: F401  (re-exported API)
+    DEFAULT_CACHE_DIR,
+    enable_compilation_cache,
+)
 from moesd_jax.serving.requests import (  # noqa: F401  (re-exported API)
     EngineClosedError,
     EngineError,
@@ -71,42 +74,6 @@ from moesd_jax.spec.decoder import SpecDecoder
 from moesd_jax.spec.loop import DecodeState, Stats
 
 log = logging.getLogger("moesd_jax.serving")
-
-DEFAULT_CACHE_DIR = (Path(os.environ.get("MOESD_JAX_CACHE", "~/.cache/moesd_jax")).expanduser()
-                     / "xla")
-
-
-def enable_compilation_cache(path: str | Path | None = None) -> Path:
-    """Turns on JAX's persistent compilation cache (default ``~/.cache/moesd_jax/xla``).
-
-    Every program is cached, however quick to compile, so a restarted server reuses the
-    previous run's executables and the first request does not wait for XLA.
-    """
-    p = Path(path).expanduser() if path is not None else DEFAULT_CACHE_DIR
-    p.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(p))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    _reset_jax_cache()
-    return p
-
-
-def disable_compilation_cache() -> None:
-    """Turns the persistent compilation cache off again (used by tests)."""
-    jax.config.update("jax_compilation_cache_dir", None)
-    _reset_jax_cache()
-
-
-def _reset_jax_cache() -> None:
-    # JAX decides once per process whether the cache is used (at the first compile); make
-    # it look again so that enabling the cache after earlier compiles takes effect.
-    try:
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):  # pragma: no cover - private API moved
-        pass
-
 
 # ---------------------------------------------------------------------------------------
 # the engine

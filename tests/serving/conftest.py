@@ -5,6 +5,7 @@ the executables), one in-process server, and one batched SpecDecoder reference r
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,8 +53,9 @@ def models():
 
 
 @pytest.fixture(scope="session")
-def xla_cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
+def xla_cache_dir():
+    """The session's persistent XLA cache (tests/conftest.py), which serve.py shares."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")
@@ -61,11 +63,7 @@ def engine(models, xla_cache_dir):
     target, draft = models
     eng = engine_mod.Engine(target, draft, SPEC, slots=SLOTS, max_len=MAX_LEN,
                             prefill_buckets=BUCKETS, max_queue=64)
-    engine_mod.enable_compilation_cache(xla_cache_dir)
-    try:
-        eng.start()
-    finally:
-        engine_mod.disable_compilation_cache()
+    eng.start()
     yield eng
     eng.shutdown(drain=False)
 
