@@ -26,8 +26,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="orbax checkpoint or HF directory (default: bundled)")
-    ap.add_argument("--draft", help="draft checkpoint or HF dir (default: bundled draft)")
-    ap.add_argument("--spec", choices=["none", "draft", "ngram"], default=None)
+    ap.add_argument("--draft", help="draft checkpoint or HF dir (default: bundled draft); "
+                    "with --spec eagle an EAGLE-3 head directory")
+    ap.add_argument("--spec", choices=["none", "draft", "ngram", "eagle"], default=None)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per iteration")
     ap.add_argument("--tree", default=None, help="tree name in configs/spec or a YAML path")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")

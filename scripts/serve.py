@@ -29,8 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="target checkpoint or Hugging Face directory "
                    "(default: the bundled target)")
-    p.add_argument("--draft", help="draft checkpoint (default: the bundled draft)")
-    p.add_argument("--spec", choices=("none", "draft", "ngram"), default="draft",
+    p.add_argument("--draft", help="draft checkpoint (default: the bundled draft); with "
+                   "--spec eagle an EAGLE-3 head directory")
+    p.add_argument("--spec", choices=("none", "draft", "ngram", "eagle"), default="draft",
                    help="speculation method (default: draft)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per step (default 4)")
     p.add_argument("--tree", help="draft tree: a name in configs/spec/ or a YAML path")
