@@ -88,7 +88,8 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
                batch: int = 10, max_len: int | None = None) -> list[dict]:
     """Greedy AR vs speculative decoding over ``prompts`` for each config, in one run.
 
-    Each config is ``none``, ``chain:K``, ``ngram:K`` or ``tree:NAME``. The first call of
+    Each config is ``none``, ``chain:K``, ``ngram:K``, ``tree:NAME`` (draft model) or
+    ``ngram-tree:NAME`` (prompt lookup filling the tree). The first call of
     each decoder (compilation) is excluded from timing by a warm-up batch. Every SD config
     is checked to reproduce the AR tokens exactly.
 
@@ -113,7 +114,11 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
         if kind == "tree":
             return SpecDecoder(target, draft, SpecConfig(method="draft", tree=arg),
                                max_len=max_len)
-        raise ValueError(f"config {c!r} must be none, chain:K, ngram:K or tree:NAME")
+        if kind == "ngram-tree":
+            return SpecDecoder(target, spec=SpecConfig(method="ngram", tree=arg),
+                               max_len=max_len)
+        raise ValueError(f"config {c!r} must be none, chain:K, ngram:K, tree:NAME or "
+                         "ngram-tree:NAME")
 
     batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     rows, ar_tokens, ar_rate = [], None, None

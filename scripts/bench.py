@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     sp.add_argument("--model", default=None, help="target (default: bundled)")
     sp.add_argument("--draft", default=None, help="draft (default: bundled)")
     sp.add_argument("--configs", nargs="+", default=["chain:4", "tree:tree-15"],
-                    help="none, chain:K, ngram:K or tree:NAME")
+                    help="none, chain:K, ngram:K, tree:NAME or ngram-tree:NAME")
     sp.add_argument("--prompts", type=int, default=50)
     sp.add_argument("--prompt-tokens", type=int, default=64)
     sp.add_argument("--max-new-tokens", type=int, default=64)

@@ -211,7 +211,7 @@ class Engine:
         shapes = self._state_shapes()
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         state = state.replace(done_B=jnp.ones((b,), bool),
-                              stop_ids_BS=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
+                              stop_ids_BP=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
         if self._state_shardings is not None:
             return jax.device_put(state, self._state_shardings)
         return state if self._sharding is None else jax.device_put(state, self._sharding)
@@ -510,7 +510,7 @@ class Engine:
                 p0 = int(plen[slot]) + len(h.tokens)
                 n_new = int(seq_len[slot]) - p0
                 if n_new > w:  # cannot happen with one step per read-back; stay exact
-                    new = np.asarray(s.tokens_BN[slot, p0:int(seq_len[slot])]).tolist()
+                    new = np.asarray(s.tokens_BM[slot, p0:int(seq_len[slot])]).tolist()
                 else:
                     new = tail[slot, w - n_new:].tolist() if n_new > 0 else []
                 cur = (int(it[slot]), int(dr[slot]), int(ac[slot]), ap[slot].astype(np.int64))

@@ -59,7 +59,7 @@ def token_tail(width: int, state: DecodeState) -> jax.Array:
     left-clamped at slot 0): what the engine reads back per step instead of the whole
     ``[slots, max_len]`` buffer."""
     idx = state.seq_len_B[:, None] - width + jnp.arange(width, dtype=jnp.int32)[None, :]
-    return jnp.take_along_axis(state.tokens_BN, jnp.maximum(idx, 0), axis=1)
+    return jnp.take_along_axis(state.tokens_BM, jnp.maximum(idx, 0), axis=1)
 
 
 def retire(state: DecodeState, mask_B: jax.Array) -> DecodeState:

@@ -150,7 +150,15 @@ class SpecDecoder:
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, "
                                  f"{self.cfg.vocab})")
-        per_row = lambda x, name: [x] * b if np.isscalar(x) else list(x)
+        def per_row(x, name):
+            if np.isscalar(x):
+                return [x] * b
+            x = list(x)
+            if len(x) != b:
+                raise ValueError(f"{name} has {len(x)} values for {b} prompts: give one value "
+                                 "or one per prompt")
+            return x
+
         max_new = per_row(max_new_tokens, "max_new_tokens")
         for i, m in enumerate(max_new):
             if int(m) < 1:
@@ -228,7 +236,7 @@ class SpecDecoder:
         state = jax.block_until_ready(self.generate_state(*prepared, cfg=cfg))
         if self.plan is not None:  # rows held by other processes come to every process
             state = process_allgather(state)
-        tokens = np.asarray(state.tokens_BN)
+        tokens = np.asarray(state.tokens_BM)
         seq_len = np.asarray(state.seq_len_B)
         out = []
         for i, p in enumerate(prompts):

@@ -366,14 +366,14 @@ class Eagle(proposers.Proposer):
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
         head, embed = _merge(params)
         st: EagleState = s.proposer_state
-        b, nbuf = s.tokens_BN.shape
+        b, nbuf = s.tokens_BM.shape
         n = tree.num_nodes
         pos0 = s.seq_len_B - 1
         j = st.feat_BJD.shape[1]
         # resync: the accepted path with the target's features, the new root's entry last
         jj = jnp.arange(j, dtype=jnp.int32)[None, :]
         base = st.base_B
-        toks = jnp.take_along_axis(s.tokens_BN, jnp.clip(base[:, None] + 1 + jj, 0, nbuf - 1),
+        toks = jnp.take_along_axis(s.tokens_BM, jnp.clip(base[:, None] + 1 + jj, 0, nbuf - 1),
                                    axis=1)
         logits, pre, k, v = head(toks, st.feat_BJD, base[:, None] + jj, st.k_BSGC, st.v_BSGC,
                                  base, embed)
@@ -385,7 +385,7 @@ class Eagle(proposers.Proposer):
         w = int(tree.num_children.max())
         samp = (s.temperature_B, s.top_k_B, s.top_p_B)
         v_full = head.cfg.vocab_size
-        root_tok = jnp.take_along_axis(s.tokens_BN, pos0[:, None], axis=1)
+        root_tok = jnp.take_along_axis(s.tokens_BM, pos0[:, None], axis=1)
         node_tok = jnp.zeros((b, n + 1), jnp.int32).at[:, :1].set(root_tok)
         q_all = jnp.zeros((b, n + 1, v_full), jnp.float32)
         h_all = jnp.zeros((b, n + 1, pre.shape[-1]), pre.dtype).at[:, :1].set(root_h)

@@ -118,7 +118,7 @@ class Stats:
 
 @struct.dataclass
 class DecodeState:
-    tokens_BN: jax.Array  # int32 [B, N]
+    tokens_BM: jax.Array  # int32 [B, N]
     seq_len_B: jax.Array  # int32 [B]
     prompt_len_B: jax.Array  # int32 [B]
     max_total_B: jax.Array  # int32 [B] prompt_len + max_new_tokens
@@ -129,7 +129,7 @@ class DecodeState:
     temperature_B: jax.Array
     top_k_B: jax.Array
     top_p_B: jax.Array
-    stop_ids_BS: jax.Array  # int32 [B, max_stop], -1 = unused
+    stop_ids_BP: jax.Array  # int32 [B, max_stop], -1 = unused
     stats: Stats
 
 
@@ -141,7 +141,7 @@ def _num_moe_layers(graphdef, state) -> int:
 
 
 def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
-            temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BS,
+            temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
             ref_tokens_BM=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
 
@@ -153,7 +153,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
       max_new_B: int32 new-token limit per row (>= 1).
       temperature_B, top_k_B, top_p_B: per-row sampling parameters.
       seed_B: int32 per-row seeds (rows are reproducible independently of the batch).
-      stop_ids_BS: int32 [B, max_stop] stop tokens per row, -1 padded.
+      stop_ids_BP: int32 [B, max_stop] stop tokens per row, -1 padded.
       ref_tokens_BM: ``oracle`` only: int32 [B, M] reference rows in buffer layout (prompt
         then the target's greedy continuation), M <= max_len.
     """
@@ -183,7 +183,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
                                ref_tokens_BM, hidden=out[3] if hl is not None else None)
     seq_len = prompt_len_B + 1
     max_total = prompt_len_B + max_new_B
-    done = _is_stop(first, stop_ids_BS) | (seq_len >= max_total)
+    done = _is_stop(first, stop_ids_BP) | (seq_len >= max_total)
     n_moe = _num_moe_layers(tg, ts)
     kk = max(cfg.accept_positions, 1)
     z = jnp.zeros((b,), jnp.int32)
@@ -191,7 +191,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
                   jnp.zeros((), jnp.int32), z)
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, pstate, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
-                       top_p_B.astype(jnp.float32), stop_ids_BS.astype(jnp.int32), stats)
+                       top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats)
 
 
 def _model_cfg(graphdef, state):
@@ -200,11 +200,11 @@ def _model_cfg(graphdef, state):
     return nnx.merge(graphdef, state).cfg
 
 
-def _is_stop(tok, stop_ids_BS):
+def _is_stop(tok, stop_ids_BP):
     """tok: [B] or [B, T] -> bool of the same shape."""
     if tok.ndim == 1:
-        return jnp.any(tok[:, None] == stop_ids_BS, axis=-1)
-    return jnp.any(tok[:, :, None] == stop_ids_BS[:, None, :], axis=-1)
+        return jnp.any(tok[:, None] == stop_ids_BP, axis=-1)
+    return jnp.any(tok[:, :, None] == stop_ids_BP[:, None, :], axis=-1)
 
 
 def _target_probs(s: DecodeState, logits_BTV):
@@ -224,13 +224,13 @@ def _append(s: DecodeState, new_BT, n_new_B, active_B):
     """
     b, w = new_BT.shape
     j = jnp.arange(w, dtype=jnp.int32)[None, :]
-    is_stop = _is_stop(new_BT, s.stop_ids_BS) & (j < n_new_B[:, None])
+    is_stop = _is_stop(new_BT, s.stop_ids_BP) & (j < n_new_B[:, None])
     first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
     n_new = jnp.minimum(n_new_B, first_stop + 1)
     n_new = jnp.minimum(n_new, s.max_total_B - s.seq_len_B)
     n_new = jnp.where(active_B, n_new, 0)
-    wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, s.tokens_BN.shape[1])
-    tokens = s.tokens_BN.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
+    wpos = jnp.where(j < n_new[:, None], s.seq_len_B[:, None] + j, s.tokens_BM.shape[1])
+    tokens = s.tokens_BM.at[jnp.arange(b)[:, None], wpos].set(new_BT, mode="drop")
     seq_len = s.seq_len_B + n_new
     done = s.done_B | (active_B & ((first_stop + 1 <= n_new) | (seq_len >= s.max_total_B)))
     return tokens, seq_len, done, n_new
@@ -260,7 +260,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     ``draft`` is the proposer's model (``nnx.split`` pieces) or None.
     """
     tree = cfg.token_tree
-    b = s.tokens_BN.shape[0]
+    b = s.tokens_BM.shape[0]
     active = ~s.done_B
     pos0 = s.seq_len_B - 1
     key_B = s.key_B
@@ -268,7 +268,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     if tree is None:  # plain autoregressive decoding: the tree is the root alone
         n, depth, depths = 0, 0, jnp.zeros((1,), jnp.int32)
         anc = None
-        node_tok = jnp.take_along_axis(s.tokens_BN, pos0[:, None], axis=1)
+        node_tok = jnp.take_along_axis(s.tokens_BM, pos0[:, None], axis=1)
         fed = 0
     else:
         n, depth, depths = tree.num_nodes, tree.depth, jnp.asarray(tree.depths)
@@ -332,7 +332,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
                   st.accepted_pos_BK + acc_pos, uniq,
                   st.verify_steps + jnp.any(active).astype(jnp.int32),
                   st.draft_fed_B + fed * act)
-    return s.replace(tokens_BN=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
+    return s.replace(tokens_BM=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
                      proposer_state=pstate, key_B=key_B, stats=stats)
 
 

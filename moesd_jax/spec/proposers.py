@@ -126,7 +126,7 @@ def _expand(par_logits_BPV, node_tok, q_all, parents_P, kids_C, kid_parent_C, ki
     return node_tok, q_all
 
 
-def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BN, seq_len_B,
+def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BM, seq_len_B,
                      key_B, temperature_B, top_k_B, top_p_B, active_B):
     """Drafts a static tree with the draft model in D forwards (one per depth level).
 
@@ -145,11 +145,11 @@ def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BN
       (node_tok_BT int32 [B, N+1] (root = pending token), q_BTV float32 [B, N+1, V] draft
        distribution at each node with children (zeros at leaves), draft cache, key_B).
     """
-    b = tokens_BN.shape[0]
+    b = tokens_BM.shape[0]
     n = tree.num_nodes
     pos0 = seq_len_B - 1
     idx = jnp.stack([pos0 - 1, pos0], axis=1)
-    first_BT = jnp.take_along_axis(tokens_BN, idx, axis=1)
+    first_BT = jnp.take_along_axis(tokens_BM, idx, axis=1)
     cache = cache.replace(lengths=pos0 - 1)
     valid = jnp.broadcast_to(active_B[:, None], (b, 2))
     logits, cache, _ = apply(graphdef, state, first_BT, idx, cache, token_valid_BT=valid)
@@ -230,7 +230,7 @@ class DraftModel(Proposer):
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
         dg, ds = params
-        tok, q, cache, key_B = draft_model_tree(tree, dg, ds, s.proposer_state, s.tokens_BN,
+        tok, q, cache, key_B = draft_model_tree(tree, dg, ds, s.proposer_state, s.tokens_BM,
                                                 s.seq_len_B, s.key_B, s.temperature_B,
                                                 s.top_k_B, s.top_p_B, active_B)
         return Proposal(tok, q, cache, key_B, fed=draft_tokens_fed(tree))
@@ -255,7 +255,7 @@ def _model_cfg(graphdef, state):
 # prompt lookup
 
 
-def ngram_tree(tree: TokenTree, tokens_BN, seq_len_B, n: int, vocab: int):
+def ngram_tree(tree: TokenTree, tokens_BM, seq_len_B, n: int, vocab: int):
     """Prompt lookup over a tree: the continuations of the most recent earlier
     occurrences of the last ``n`` tokens, merged into a trie, fill the tree by rank.
 
@@ -270,24 +270,24 @@ def ngram_tree(tree: TokenTree, tokens_BN, seq_len_B, n: int, vocab: int):
     Returns:
       int32 [B, N+1] node tokens, root = the pending token.
     """
-    b, nbuf = tokens_BN.shape
+    b, nbuf = tokens_BM.shape
     starts = nbuf - n
     depth = tree.depth
     m = max(1, int(np.sum(tree.num_children == 0)))
     pat_idx = jnp.clip(seq_len_B[:, None] - n + jnp.arange(n)[None, :], 0, nbuf - 1)
-    pattern_Bn = jnp.take_along_axis(tokens_BN, pat_idx, axis=1)
+    pattern_Bn = jnp.take_along_axis(tokens_BM, pat_idx, axis=1)
     match_BI = jnp.ones((b, starts), jnp.bool_)
     for j in range(n):
-        match_BI = match_BI & (tokens_BN[:, j:starts + j] == pattern_Bn[:, j:j + 1])
+        match_BI = match_BI & (tokens_BM[:, j:starts + j] == pattern_Bn[:, j:j + 1])
     i_idx = jnp.arange(starts)[None, :]
     # the occurrence must end before the last token (strictly earlier) and n <= seq_len
     ok_BI = match_BI & (i_idx + n < seq_len_B[:, None]) & (seq_len_B[:, None] >= n)
     best_BM, _ = jax.lax.top_k(jnp.where(ok_BI, i_idx, -1), min(m, starts))
     src = best_BM[:, :, None] + n + jnp.arange(depth)[None, None, :]  # [B, M, D]
     ok = (best_BM[:, :, None] >= 0) & (src < seq_len_B[:, None, None])
-    flat = jnp.take_along_axis(tokens_BN, jnp.clip(src, 0, nbuf - 1).reshape(b, -1), axis=1)
+    flat = jnp.take_along_axis(tokens_BM, jnp.clip(src, 0, nbuf - 1).reshape(b, -1), axis=1)
     cont_BMD = jnp.where(ok, flat.reshape(src.shape), -1)
-    pending = jnp.take_along_axis(tokens_BN, (seq_len_B - 1)[:, None], axis=1)[:, 0]
+    pending = jnp.take_along_axis(tokens_BM, (seq_len_B - 1)[:, None], axis=1)[:, 0]
     mm = cont_BMD.shape[1]
     earlier = jnp.tril(jnp.ones((mm, mm), jnp.bool_), -1)  # [m, m']: m' < m
     cand = {0: jnp.ones((b, mm), jnp.bool_)}
@@ -312,7 +312,7 @@ class PromptLookup(Proposer):
     name = "ngram"
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
-        tok = ngram_tree(tree, s.tokens_BN, s.seq_len_B, cfg.ngram_n, cfg.vocab)
+        tok = ngram_tree(tree, s.tokens_BM, s.seq_len_B, cfg.ngram_n, cfg.vocab)
         return Proposal(tok, None, None, s.key_B)
 
 
@@ -337,19 +337,19 @@ class Oracle(Proposer):
         return jnp.zeros((b, capacity), jnp.int32).at[:, :ref_BM.shape[1]].set(ref_BM)
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
-        ref_BN = s.proposer_state
-        nbuf = ref_BN.shape[1]
+        ref_BM = s.proposer_state
+        nbuf = ref_BM.shape[1]
         depths = np.asarray(tree.depths[1:])
         spine = np.asarray([set(p) == {0} for p in tree.paths])
         src = jnp.clip(s.seq_len_B[:, None] + jnp.asarray(depths - 1)[None, :], 0, nbuf - 1)
-        right = jnp.take_along_axis(ref_BN, src, axis=1)  # [B, N]
+        right = jnp.take_along_axis(ref_BM, src, axis=1)  # [B, N]
         key_B, use = split_rows(s.key_B)
         keep = jax.vmap(lambda kk: jax.random.uniform(kk, (tree.num_nodes,)))(use)
         keep = (keep < cfg.oracle_acceptance) & jnp.asarray(spine)[None, :]
         wrong = (right + 1 + jnp.asarray(tree.ranks[1:])[None, :]) % cfg.vocab
         nodes = jnp.where(keep, right, wrong).astype(jnp.int32)
-        root = jnp.take_along_axis(s.tokens_BN, (s.seq_len_B - 1)[:, None], axis=1)
-        return Proposal(jnp.concatenate([root, nodes], axis=1), None, ref_BN, key_B)
+        root = jnp.take_along_axis(s.tokens_BM, (s.seq_len_B - 1)[:, None], axis=1)
+        return Proposal(jnp.concatenate([root, nodes], axis=1), None, ref_BM, key_B)
 
 
 _PROPOSERS = {p.name: p for p in (DraftModel(), PromptLookup(), Oracle())}

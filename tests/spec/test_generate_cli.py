@@ -1,4 +1,5 @@
-"""scripts/generate.py --json on a converted HF model and on an HF directory directly."""
+"""moesd-generate (scripts/generate.py) --json on a converted HF model and on an HF
+directory directly."""
 
 import json
 import subprocess
@@ -7,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from moesd_jax.cli import generate
 from tests.models.test_hf_parity import make_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-import generate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,10 @@ def test_bad_inputs_raise_clear_errors(models):
         dec.generate([[1, 2]], 4, top_p=0.0)
     with pytest.raises(ValueError, match="empty"):
         dec.generate([[]], 4)
+    with pytest.raises(ValueError, match="temperature has 3 values for 2 prompts"):
+        dec.generate([[1, 2], [3]], 4, temperature=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="seed has 1 values for 2 prompts"):
+        dec.generate([[1, 2], [3]], 4, seed=[1])
 
 
 def test_stop_tokens_and_lengths(models, ar_tokens):

@@ -1,0 +1,106 @@
+"""OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``, ``/metrics``).
+
+With no arguments it serves the bundled target with the bundled draft model::
+
+    moesd-serve                       # http://127.0.0.1:8000/v1
+    moesd-serve --model ckpt/ --spec ngram --k 4 --slots 8 --port 8080
+
+    curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+      -d '{"prompt": "def main(", "max_tokens": 32, "temperature": 0}'
+
+SIGTERM / Ctrl-C: new requests are refused, requests in flight finish, then it exits.
+Compiled programs are cached under ``~/.cache/moesd_jax/xla`` (``--compile-cache``), so a
+restart does not recompile. On CPU, ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0`` in the
+environment keeps glibc from returning large buffers to the OS and page-faulting them
+back on every step (see DESIGN.md); it is not set automatically.
+
+The same command runs as ``python scripts/serve.py`` from a checkout or ``python -m
+moesd_jax.cli.serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="target checkpoint or Hugging Face directory "
+                   "(default: the bundled target)")
+    p.add_argument("--draft", help="draft checkpoint (default: the bundled draft); with "
+                   "--spec eagle an EAGLE-3 head directory")
+    p.add_argument("--spec", choices=("none", "draft", "ngram", "eagle"), default="draft",
+                   help="speculation method (default: draft)")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--tree", help="draft tree: a name in configs/spec/ or a YAML path")
+    p.add_argument("--mesh", help="device mesh / sharding strategy YAML (configs/mesh/)")
+    p.add_argument("--slots", type=int, default=4, help="concurrent sequences (static batch)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="waiting requests beyond the slots; more get 429 (default 64)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="per-sequence KV cache capacity: prompt + max_tokens + k + 1 "
+                   "(default: the model's max_seq_len)")
+    p.add_argument("--prefill-buckets", default=None,
+                   help="comma-separated padded prompt lengths compiled at startup "
+                   "(default: powers of two from 16 to --max-len)")
+    p.add_argument("--served-model-name", default=None, help="model id clients send")
+    p.add_argument("--dispatch", default=None, choices=("dense", "gather", "ragged", "pallas"),
+                   help="override the MoE dispatch backend")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory override")
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent XLA cache dir (default ~/.cache/moesd_jax/xla; 'off')")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="seconds to wait for in-flight requests at shutdown (default: all)")
+    p.add_argument("--log-level", default="warning")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+
+    from moesd_jax.config import ConfigError, SpecConfig
+    from moesd_jax.runtime import keep_host_buffers
+    from moesd_jax.serving import api, engine
+
+    keep_host_buffers()
+
+    if args.compile_cache != "off":
+        engine.enable_compilation_cache(args.compile_cache)
+    try:
+        spec = SpecConfig(method=args.spec, k=args.k, tree=args.tree)
+        spec.validate()
+        buckets = None
+        if args.prefill_buckets:
+            buckets = [int(x) for x in args.prefill_buckets.split(",") if x.strip()]
+        eng, tok, name = engine.load_engine(
+            args.model, args.draft, spec, slots=args.slots, max_len=args.max_len,
+            max_queue=args.max_queue, prefill_buckets=buckets, mesh=args.mesh,
+            dispatch=args.dispatch, tokenizer=args.tokenizer)
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or name
+    eng.start()
+
+    def ready(url: str) -> None:
+        print(f"moesd_jax serving {name} at {url} (spec={spec.method} k={eng.cfg.k_eff} "
+              f"slots={eng.slots} max_len={eng.max_len}; ready in "
+              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+
+    drained = api.serve(eng, tok, name, args.host, args.port, log_level=args.log_level,
+                        drain_timeout=args.drain_timeout, on_ready=ready)
+    print("moesd_jax server stopped" + ("" if drained else " (some requests were cut off)"),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
