@@ -168,18 +168,36 @@ def _read_meta(p: Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tokenizer(p: Path, meta: dict):
-    """``<ckpt>/tokenizer/``, or the directory named by the config's ``"tokenizer"`` key
-    (relative to the checkpoint: the bundled pair shares ``bundled/tokenizer``)."""
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """A checkpoint's tokenizer directory: ``<ckpt>/tokenizer/``, or the directory named
+    by the config's ``"tokenizer"`` key, relative to the checkpoint (the bundled pair
+    shares ``bundled/tokenizer``); None when it has neither.
+
+    Raises:
+      CheckpointError: the config names a directory that does not exist.
+    """
+    p = Path(path)
+    d = p / TOKENIZER_DIR
+    if d.is_dir():
+        return d
+    try:
+        meta = json.loads((p / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    ref = meta.get("tokenizer") if isinstance(meta, dict) else None
+    if not isinstance(ref, str):
+        return None
+    d = (p / ref).resolve()
+    if not d.is_dir():
+        raise CheckpointError(f"{p / CONFIG_NAME}: tokenizer={ref!r} is not a directory ({d})")
+    return d
+
+
+def _load_tokenizer(p: Path):
     from moesd_jax.models.hf import load_hf_tokenizer
 
-    d = p / TOKENIZER_DIR
-    if not d.is_dir() and isinstance(meta.get("tokenizer"), str):
-        d = (p / meta["tokenizer"]).resolve()
-        if not d.is_dir():
-            raise CheckpointError(f"{p / CONFIG_NAME}: tokenizer={meta['tokenizer']!r} is not "
-                                  f"a directory ({d})")
-    return load_hf_tokenizer(d) if d.is_dir() else None
+    d = tokenizer_dir(p)
+    return load_hf_tokenizer(d) if d is not None else None
 
 
 def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
@@ -275,4 +293,4 @@ def load_model(path_or_hf_dir: str | Path, *, dispatch: str | None = None,
         want = nnx.to_pure_dict(abstract)
         params = jax.tree.map(lambda x, a: x.astype(a.dtype), params, want)
     nnx.replace_by_pure_dict(abstract, params)
-    return nnx.merge(graphdef, abstract), _load_tokenizer(p, meta)
+    return nnx.merge(graphdef, abstract), _load_tokenizer(p)

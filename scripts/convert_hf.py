@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moesd_jax.checkpoint import (  # noqa: E402
-    TOKENIZER_DIR,
     load_model,
     save_checkpoint,
+    tokenizer_dir,
     tokenizer_files,
 )
 from moesd_jax.models.hf import load_hf_model  # noqa: E402
@@ -54,7 +54,8 @@ def _export(args: argparse.Namespace) -> int:
     if not args.ckpt.is_dir():
         raise ValueError(f"{args.ckpt}: no such directory")
     model, _ = load_model(args.ckpt)
-    tok = next((d for d in (args.ckpt / TOKENIZER_DIR, args.ckpt) if tokenizer_files(d)), None)
+    tok = next((d for d in (tokenizer_dir(args.ckpt), args.ckpt)
+                if d is not None and tokenizer_files(d)), None)
     out = export_hf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)
     print(f"model: {choose_model_type(model.cfg)}, {model.cfg.num_layers} layers")
     print(f"parameters: {count_params(model):,} ({args.dtype})")

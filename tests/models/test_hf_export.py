@@ -23,7 +23,7 @@ import torch
 from flax import nnx, traverse_util
 from safetensors import safe_open
 
-from moesd_jax.checkpoint import TOKENIZER_DIR, bundled_model_dir, load_model
+from moesd_jax.checkpoint import bundled_model_dir, load_model, tokenizer_dir
 from moesd_jax.models.hf import build_model, load_hf_model
 from moesd_jax.models.hf_export import choose_model_type, export_hf
 from moesd_jax.models.transformer import Transformer, apply
@@ -192,7 +192,7 @@ def test_cli_to_hf_bfloat16(tmp_path, capsys):
     assert script.main(["--to-hf", "--ckpt", str(draft), "--out", str(out),
                         "--dtype", "bfloat16"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    for f in (draft / TOKENIZER_DIR).iterdir():
+    for f in tokenizer_dir(draft).iterdir():  # the bundled pair's shared tokenizer
         assert (out / f.name).read_bytes() == f.read_bytes()
     with safe_open(out / "model.safetensors", "np") as f:
         assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
