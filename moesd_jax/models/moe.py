@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moesd_jax import sharding
 from moesd_jax.config import ModelConfig
+from moesd_jax.models.ep import expert_parallel
 from moesd_jax.models.layers import MLP, param
 
 
@@ -286,8 +286,11 @@ class MoEBlock(nnx.Module):
         return probs_TE, ids, w
 
     def __call__(self, x_TD: jax.Array, token_valid_T=None, dispatch: str | None = None,
-                 root_T=None):
+                 root_T=None, plan=None):
         """Returns (y_TD, ids_TK) for T tokens (batch rows flattened into T).
+
+        ``plan``: a ``sharding.ShardingPlan`` that shards experts runs the dispatch
+        expert-parallel (``models/ep.py``); None = local.
 
         ``root_T`` marks each row's root (pending) token for budgeted dispatch: roots keep
         their natural experts outside the budget, so every verification step commits at
@@ -303,8 +306,8 @@ class MoEBlock(nnx.Module):
                 ids, w = self.apply_budget(probs, ids, w, token_valid_T, root_T,
                                            kernel=name == "pallas")
         with jax.named_scope("moe_dispatch"):
-            # expert-parallel shard_map around the backend when a plan shards experts
-            fn = sharding.maybe_expert_parallel(DISPATCH[name])
+            # expert-parallel shard_map around the backend when the plan shards experts
+            fn = expert_parallel(plan, DISPATCH[name])
             y = fn(x_TD, *self.expert_weights(stacked=name != "gather"), ids, w,
                    m.max_active)
         if m.shared_expert_dim:

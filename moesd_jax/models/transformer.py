@@ -33,7 +33,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.param_dtype, rngs)
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
-                 token_valid_BT, dispatch, root_BT=None, write_offsets_T=None):
+                 token_valid_BT, dispatch, root_BT=None, write_offsets_T=None, plan=None):
         b, t, d = x_BTD.shape
         with jax.named_scope("attention"):
             a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
@@ -45,7 +45,7 @@ class DecoderLayer(nnx.Module):
         if self.is_moe:
             valid = None if token_valid_BT is None else token_valid_BT.reshape(b * t)
             root = None if root_BT is None else root_BT.reshape(b * t)
-            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch, root)
+            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch, root, plan)
             y = y.reshape(b, t, d)
             ids = ids.reshape(b, t, -1)
         else:
@@ -76,7 +76,7 @@ class Transformer(nnx.Module):
                  tree_mask: jax.Array | None = None, token_valid_BT: jax.Array | None = None,
                  return_routing: bool = False, dispatch: str | None = None,
                  root_BT: jax.Array | None = None, write_offsets_T: jax.Array | None = None,
-                 hidden_layers: tuple[int, ...] | None = None):
+                 hidden_layers: tuple[int, ...] | None = None, plan=None):
         """Forward T new tokens per row.
 
         Args:
@@ -96,6 +96,8 @@ class Transformer(nnx.Module):
             ``[0, T)``); a tree drafter writes one level's nodes at their node slots.
           hidden_layers: static layer indices whose output hidden states are returned too
             (a feature-level drafter such as EAGLE reads them from the verify forward).
+          plan: the ``sharding.ShardingPlan`` the parameters are laid out by; MoE layers
+            dispatch expert-parallel when it shards experts. None = one device.
 
         Returns:
           (logits_BTV float32, cache with K/V written and lengths unchanged,
@@ -111,7 +113,7 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, k_cache, v_cache, ids = layer(x, positions_BT, k_cache, v_cache, start,
                                              tree_mask, token_valid_BT, dispatch, root_BT,
-                                             write_offsets_T)
+                                             write_offsets_T, plan)
             if ids is not None:
                 routing.append(ids)
             if hidden_layers is not None and i in hidden_layers:

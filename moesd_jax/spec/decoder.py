@@ -118,7 +118,7 @@ class SpecDecoder:
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
                               num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree,
                               oracle_acceptance=spec.oracle_acceptance if spec.method == "oracle"
-                              else 0.0, **budget_fields(tc))
+                              else 0.0, plan=self.plan, **budget_fields(tc))
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0
@@ -207,7 +207,7 @@ class SpecDecoder:
         cfg = cfg or self.cfg
         if self.plan is None:
             return self._fn(cfg, self.target, self.draft, *prepared)
-        with self.plan.activate():  # active while jit traces: MoE layers go expert-parallel
+        with self.plan.activate():  # the mesh; the plan itself is cfg.plan
             return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],

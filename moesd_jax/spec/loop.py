@@ -65,6 +65,8 @@ class LoopConfig:
       tree: static draft tree as a tuple of paths (``spec.tree``, see ``spec/tree.py``);
         None = a chain of ``k``. Every proposer fills trees.
       oracle_acceptance: the oracle proposer's per-node probability of the right token.
+      plan: the sharding plan the models run under (expert-parallel MoE when it shards
+        experts), passed to every model call; part of the program's identity.
     """
 
     method: str
@@ -78,6 +80,7 @@ class LoopConfig:
     prefill_dispatch: str | None = None
     budget_prune: bool = False
     oracle_acceptance: float = 0.0
+    plan: object = None  # sharding.ShardingPlan (compared by identity) or None
 
     @property
     def token_tree(self) -> spec_tree.TokenTree | None:
@@ -169,7 +172,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
     proposer = proposers.get(cfg.method) if cfg.token_tree is not None else None
     hl = None if proposer is None else proposer.hidden_layers(draft)
     out = apply(tg, ts, prompts_BP, pos_BP, tcache, token_valid_BT=valid_BP,
-                dispatch=cfg.prefill_dispatch, hidden_layers=hl)
+                dispatch=cfg.prefill_dispatch, hidden_layers=hl, plan=cfg.plan)
     logits, tcache = out[:2]
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
     key_B = jax.vmap(jax.random.PRNGKey)(seed_B)
@@ -287,7 +290,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         root_BT = jnp.broadcast_to(jnp.arange(t)[None, :] == 0, (b, t))
         hl = None if tree is None else proposer.hidden_layers(draft)
         out = apply(tg, ts, node_tok, pos_BT, tcache, tree_mask=anc, token_valid_BT=valid_BT,
-                    return_routing=True, root_BT=root_BT, hidden_layers=hl)
+                    return_routing=True, root_BT=root_BT, hidden_layers=hl, plan=cfg.plan)
         logits, tcache, routing = out[:3]
         hidden = out[3] if hl is not None else None
 

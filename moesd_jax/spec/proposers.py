@@ -127,7 +127,7 @@ def _expand(par_logits_BPV, node_tok, q_all, parents_P, kids_C, kid_parent_C, ki
 
 
 def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BM, seq_len_B,
-                     key_B, temperature_B, top_k_B, top_p_B, active_B):
+                     key_B, temperature_B, top_k_B, top_p_B, active_B, plan=None):
     """Drafts a static tree with the draft model in D forwards (one per depth level).
 
     The draft cache is "lazy by one": valid for positions < seq_len - 2 at entry, so the
@@ -152,7 +152,8 @@ def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BM
     first_BT = jnp.take_along_axis(tokens_BM, idx, axis=1)
     cache = cache.replace(lengths=pos0 - 1)
     valid = jnp.broadcast_to(active_B[:, None], (b, 2))
-    logits, cache, _ = apply(graphdef, state, first_BT, idx, cache, token_valid_BT=valid)
+    logits, cache, _ = apply(graphdef, state, first_BT, idx, cache, token_valid_BT=valid,
+                             plan=plan)
     v = logits.shape[-1]
     parents, kids, kid_parent, kid_rank = _level_tables(tree)
     w = int(tree.num_children.max())
@@ -181,7 +182,7 @@ def draft_model_tree(tree: TokenTree, graphdef, state, cache: KVCache, tokens_BM
         logits, cache, _ = apply(graphdef, state, node_tok[:, feed_P],
                                  pos0[:, None] + depths[feed_P][None, :],
                                  cache.replace(lengths=lengths), tree_mask=mask_PN,
-                                 token_valid_BT=fed, write_offsets_T=feed_P - 1)
+                                 token_valid_BT=fed, write_offsets_T=feed_P - 1, plan=plan)
         key_B, use = split_rows(key_B)
         node_tok, q_all = _expand(logits, node_tok, q_all, par_P, kids_C, kp_C, kr_C, w,
                                   *samp, use)
@@ -225,14 +226,15 @@ class DraftModel(Proposer):
         mc = _model_cfg(dg, ds)
         cache = KVCache.init(mc.num_layers, prompts_BP.shape[0], capacity, mc.num_kv_heads,
                              mc.dh, jnp.dtype(mc.compute_dtype))
-        _, cache, _ = apply(dg, ds, prompts_BP, pos_BP, cache, token_valid_BT=valid_BP)
+        _, cache, _ = apply(dg, ds, prompts_BP, pos_BP, cache, token_valid_BT=valid_BP,
+                            plan=cfg.plan)
         return cache.replace(lengths=prompt_len_B)
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
         dg, ds = params
         tok, q, cache, key_B = draft_model_tree(tree, dg, ds, s.proposer_state, s.tokens_BM,
                                                 s.seq_len_B, s.key_B, s.temperature_B,
-                                                s.top_k_B, s.top_p_B, active_B)
+                                                s.top_k_B, s.top_p_B, active_B, cfg.plan)
         return Proposal(tok, q, cache, key_B, fed=draft_tokens_fed(tree))
 
     def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BP, n_new_B,
