@@ -277,7 +277,7 @@ class Engine:
                                      f"waiting, {self.slots} slots running); retry later")
             rid = request_id or f"req-{next(self._ids)}"
             h = RequestHandle(self, rid, prompt_ids, params, loop_)
-            h._args = args
+            h.prefill_args = args
             self._waiting.append(h)
             self._cv.notify_all()
         return h
@@ -434,14 +434,14 @@ class Engine:
             try:
                 with self._ctx():
                     self.state = self._admit_fn(self._target, self._draft, self.state,
-                                                np.int32(slot), *h._args)
+                                                np.int32(slot), *h.prefill_args)
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed for %s", h.request_id)
                 with self._cv:
                     self._running[slot] = None
                 self._finish(h, "error", error=f"prefill failed: {e}")
                 continue
-            h._args = None
+            h.prefill_args = None
             h.prev_stats = (0, 0, 0, np.zeros(self.counters.k, np.int64))
             with self.lock:
                 self.counters.prompt_tokens += len(h.prompt_ids)
@@ -527,7 +527,7 @@ class Engine:
                 c.generation_tokens += len(new)
                 new_total += len(new)
                 if new:
-                    h._push(StreamEvent(new))
+                    h.push(StreamEvent(new))
                 if bool(done[slot]):
                     finished.append(slot)
             if new_total:
@@ -567,7 +567,7 @@ class Engine:
         h.finished = True
         with self.lock:
             self.counters.finished[reason] += 1
-        h._push(StreamEvent([], finished=True, finish_reason=reason,
+        h.push(StreamEvent([], finished=True, finish_reason=reason,
                             all_token_ids=list(h.tokens), stats=self._stats(h), error=error))
         with self._cv:
             self._cv.notify_all()

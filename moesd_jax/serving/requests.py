@@ -7,12 +7,11 @@ import dataclasses
 import queue
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from moesd_jax.serving.engine import Engine
+Engine = Any  # the engine (``serving/engine.py``) imports this module, never the reverse
 
 # ---------------------------------------------------------------------------------------
 # errors
@@ -101,10 +100,11 @@ class RequestHandle:
         self.submitted_at = time.monotonic()
         self.tokens: list[int] = []
         self.prev_stats = None
-        self._args: tuple | None = None  # prefill arguments until admitted
+        self.prefill_args: tuple | None = None  # validated, padded prefill arguments
 
     # engine thread -> caller
-    def _push(self, ev: StreamEvent) -> None:
+    def push(self, ev: StreamEvent) -> None:
+        """Delivers one event to the caller (thread-safe; called by the engine)."""
         if self._loop is None:
             self._q.put(ev)
             return
