@@ -217,19 +217,15 @@ class Engine:
         return state if self._sharding is None else jax.device_put(state, self._sharding)
 
     def _row_args(self, prompt_ids: list[int], params: SamplingParams) -> tuple:
-        """Validated batch-1 prefill arguments, the prompt padded to its bucket."""
+        """Validated batch-1 prefill arguments, the prompt padded to its bucket (the
+        decoder's one validation and padding rule)."""
         try:
-            prepared = self.decoder.prepare(
+            return self.decoder.prepare(
                 [prompt_ids], params.max_tokens, temperature=params.temperature,
                 top_k=params.top_k, top_p=params.top_p, seed=params.seed,
-                stop_token_ids=params.stop_token_ids)
+                stop_token_ids=params.stop_token_ids, buckets=self.buckets)
         except ValueError as e:
             raise RequestError(str(e)) from e
-        n = len(prompt_ids)
-        bucket = next(b for b in self.buckets if b >= n)
-        arr = np.zeros((1, bucket), np.int32)
-        arr[0, :n] = prompt_ids
-        return (jnp.asarray(arr),) + tuple(prepared[1:])
 
     # ----------------------------------------------------------------- public API
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:

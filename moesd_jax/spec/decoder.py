@@ -137,8 +137,14 @@ class SpecDecoder:
 
     def prepare(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                 temperature=0.0, top_k=0, top_p=1.0, seed: int | Sequence[int] = 0,
-                stop_token_ids: Sequence[int] | None = None) -> tuple:
-        """Validates inputs and builds the padded device arrays for ``prefill``."""
+                stop_token_ids: Sequence[int] | None = None,
+                buckets: Sequence[int] | None = None) -> tuple:
+        """Validates inputs and builds the padded device arrays for ``prefill``.
+
+        The one padding rule (offline generation and the server alike): prompts are
+        right-padded to the smallest of ``buckets`` that holds the longest (the server's
+        prefill buckets), or by default to a multiple of ``prompt_bucket``.
+        """
         b = len(prompts)
         if b == 0:
             raise ValueError("prompts is empty")
@@ -163,8 +169,13 @@ class SpecDecoder:
         for i, m in enumerate(max_new):
             if int(m) < 1:
                 raise ValueError(f"max_new_tokens={m} (prompt {i}) must be >= 1")
-        bucket = self.prompt_bucket
-        p_len = -(-max(lens) // bucket) * bucket
+        if buckets:
+            p_len = next((x for x in sorted(buckets) if x >= max(lens)), None)
+            if p_len is None:
+                raise ValueError(f"prompt of {max(lens)} tokens exceeds the largest prefill "
+                                 f"bucket {max(buckets)}")
+        else:
+            p_len = -(-max(lens) // self.prompt_bucket) * self.prompt_bucket
         need = max(lens[i] + int(max_new[i]) for i in range(b)) + self.cfg.k_eff + 1
         if need > self.cfg.max_len or p_len > self.cfg.max_len:
             raise ValueError(f"prompt length + max_new_tokens + k + 1 = {need} exceeds the "
