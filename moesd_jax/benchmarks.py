@@ -85,11 +85,12 @@ def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int =
 
 
 def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_new: int = 64,
-               batch: int = 10, max_len: int | None = None) -> list[dict]:
+               batch: int = 10, max_len: int | None = None, eagle=None) -> list[dict]:
     """Greedy AR vs speculative decoding over ``prompts`` for each config, in one run.
 
-    Each config is ``none``, ``chain:K``, ``ngram:K``, ``tree:NAME`` (draft model) or
-    ``ngram-tree:NAME`` (prompt lookup filling the tree). The first call of
+    Each config is ``none``, ``chain:K``, ``ngram:K``, ``tree:NAME`` (draft model),
+    ``ngram-tree:NAME`` (prompt lookup filling the tree), ``eagle:K`` or
+    ``eagle-tree:NAME`` (the EAGLE-3 head ``eagle``). The first call of
     each decoder (compilation) is excluded from timing by a warm-up batch. Every SD config
     is checked to reproduce the AR tokens exactly.
 
@@ -114,11 +115,17 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
         if kind == "tree":
             return SpecDecoder(target, draft, SpecConfig(method="draft", tree=arg),
                                max_len=max_len)
+        if kind in ("eagle", "eagle-tree"):
+            if eagle is None:
+                raise ValueError(f"config {c!r} needs an EAGLE head (--eagle HEAD_DIR)")
+            spec = (SpecConfig(method="eagle", k=int(arg)) if kind == "eagle"
+                    else SpecConfig(method="eagle", tree=arg))
+            return SpecDecoder(target, eagle, spec, max_len=max_len)
         if kind == "ngram-tree":
             return SpecDecoder(target, spec=SpecConfig(method="ngram", tree=arg),
                                max_len=max_len)
-        raise ValueError(f"config {c!r} must be none, chain:K, ngram:K, tree:NAME or "
-                         "ngram-tree:NAME")
+        raise ValueError(f"config {c!r} must be none, chain:K, ngram:K, tree:NAME, "
+                         "ngram-tree:NAME, eagle:K or eagle-tree:NAME")
 
     batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     rows, ar_tokens, ar_rate = [], None, None

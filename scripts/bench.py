@@ -35,8 +35,11 @@ def main(argv=None) -> int:
     sp = sub.add_parser("spec", help="AR vs SD acceptance and speed on held-out prompts")
     sp.add_argument("--model", default=None, help="target (default: bundled)")
     sp.add_argument("--draft", default=None, help="draft (default: bundled)")
+    sp.add_argument("--eagle", default=None,
+                    help="EAGLE-3 head directory for the eagle:K / eagle-tree:NAME configs")
     sp.add_argument("--configs", nargs="+", default=["chain:4", "tree:tree-15"],
-                    help="none, chain:K, ngram:K, tree:NAME or ngram-tree:NAME")
+                    help="none, chain:K, ngram:K, tree:NAME, ngram-tree:NAME, eagle:K, "
+                    "eagle-tree:NAME")
     sp.add_argument("--prompts", type=int, default=50)
     sp.add_argument("--prompt-tokens", type=int, default=64)
     sp.add_argument("--max-new-tokens", type=int, default=64)
@@ -213,8 +216,13 @@ def spec_cmd(args, benchmarks) -> int:
         tok = lm.tokenizer
         texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
         prompts = [tok.encode(t) for t in texts]
+        head = None
+        if args.eagle:
+            from moesd_jax.spec.eagle_io import load_eagle
+
+            head = load_eagle(args.eagle, lm.target.cfg)
         rows = benchmarks.spec_sweep(lm.target, lm.draft, prompts, args.configs,
-                                     args.max_new_tokens, args.batch)
+                                     args.max_new_tokens, args.batch, eagle=head)
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
