@@ -61,22 +61,22 @@ def rollback(cache: KVCache, n_B: jax.Array) -> KVCache:
     return cache.replace(lengths=jnp.maximum(cache.lengths - n_B.astype(jnp.int32), 0))
 
 
-def compact(cache: KVCache, src_BP: jax.Array, n_B: jax.Array) -> KVCache:
-    """Moves entries ``lengths + src_BP[:, i]`` to ``lengths + i`` for i < P, commits n_B.
+def compact(cache: KVCache, src_BJ: jax.Array, n_B: jax.Array) -> KVCache:
+    """Moves entries ``lengths + src_BJ[:, i]`` to ``lengths + i`` for i < P, commits n_B.
 
-    Used after tree verification: ``src_BP`` holds the tree-node offsets of the accepted
+    Used after tree verification: ``src_BJ`` holds the tree-node offsets of the accepted
     path (root first), so the accepted entries become contiguous. Static shapes: P is the
     tree depth + 1; entries beyond ``n_B`` are copied too but stay uncommitted.
     """
-    b, p = src_BP.shape
+    b, p = src_BJ.shape
     start = cache.lengths
-    src = jnp.clip(start[:, None] + src_BP, 0, cache.capacity - 1)  # [B, P]
+    src = jnp.clip(start[:, None] + src_BJ, 0, cache.capacity - 1)  # [B, P]
     dst = start[:, None] + jnp.arange(p, dtype=jnp.int32)[None, :]
-    b_BP = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, p))
+    b_BJ = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, p))
 
     def move(x_LBSGD):
-        moved = x_LBSGD[:, b_BP, src]  # [L, B, P, G, Dh]
-        return x_LBSGD.at[:, b_BP, dst].set(moved, mode="drop")
+        moved = x_LBSGD[:, b_BJ, src]  # [L, B, P, G, Dh]
+        return x_LBSGD.at[:, b_BJ, dst].set(moved, mode="drop")
 
     return KVCache(move(cache.k), move(cache.v), start + n_B.astype(jnp.int32))
 

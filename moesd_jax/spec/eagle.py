@@ -340,23 +340,23 @@ class Eagle(proposers.Proposer):
         graphdef, w = params
         return tuple(nnx.merge(graphdef, w["head"]).cfg.hidden_layers)
 
-    def init(self, cfg, params, prompts_BP, pos_BP, valid_BP, prompt_len_B, capacity,
+    def init(self, cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity,
              ref_BM=None, hidden=None):
         head, embed = _merge(params)
         hc = head.cfg
         if hidden is None:
             raise ValueError("spec method 'eagle' needs the target's hidden states")
-        b, p = prompts_BP.shape
+        b, p = prompts_BT.shape
         if hidden.shape[:2] != (b, p):
             raise ValueError(f"target features of shape {hidden.shape} for prompts of shape "
-                             f"{prompts_BP.shape}")
+                             f"{prompts_BT.shape}")
         feat = head.project(hidden)  # [B, P, D]
         dt = jnp.dtype(hc.compute_dtype)
         z = jnp.zeros((b, capacity, hc.num_kv_heads, hc.head_dim), dt)
         # entry i = (f_i, prompt token i + 1) for i < prompt_len - 1; the last one (with
         # the first sampled token) is fed by the first propose
-        nxt = jnp.concatenate([prompts_BP[:, 1:], jnp.zeros((b, 1), prompts_BP.dtype)], axis=1)
-        _, _, k, v = head(nxt, feat, pos_BP, z, z, jnp.zeros((b,), jnp.int32), embed)
+        nxt = jnp.concatenate([prompts_BT[:, 1:], jnp.zeros((b, 1), prompts_BT.dtype)], axis=1)
+        _, _, k, v = head(nxt, feat, pos_BT, z, z, jnp.zeros((b,), jnp.int32), embed)
         base = (prompt_len_B - 1).astype(jnp.int32)
         last = jnp.take_along_axis(feat, base[:, None, None], axis=1)  # [B, 1, D]
         j = cfg.accept_positions + 1
@@ -425,12 +425,12 @@ class Eagle(proposers.Proposer):
         return Proposal(node_tok, q_all, EagleState(k, v, st.feat_BJD, base), key_B,
                         fed=eagle_tokens_fed(tree))
 
-    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BP, n_new_B,
+    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BJ, n_new_B,
                hidden=None):
         head, _ = _merge(params)
         if hidden is None:
             raise ValueError("spec method 'eagle' needs the verify forward's hidden states")
-        feats = jnp.take_along_axis(hidden, path_BP[:, :, None], axis=1)  # [B, D+1, 3D]
+        feats = jnp.take_along_axis(hidden, path_BJ[:, :, None], axis=1)  # [B, D+1, 3D]
         feat = head.project(feats).astype(state.feat_BJD.dtype)
         moved = n_new_B > 0  # rows that committed nothing (done) keep their state
         return state.replace(feat_BJD=jnp.where(moved[:, None, None], feat, state.feat_BJD),

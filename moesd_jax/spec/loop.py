@@ -22,6 +22,10 @@ of width 1, K = 0 is plain autoregressive decoding) with N draft nodes and depth
   commit  append the accepted path and the correction/bonus token; the target cache
           moves the path's K/V to contiguous slots (a no-op for chains), the proposer
           resyncs its own state; stop tokens and the per-row token limit apply.
+
+Shape letters (DESIGN.md): B rows, M token-buffer / cache capacity, T tokens per forward
+(N + 1 when verifying), N tree nodes, J = depth + 1 entries of an accepted path, V vocab,
+P stop-token slots (D stays the model width; the tree depth is spelled out).
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def _num_moe_layers(graphdef, state) -> int:
     return sum(int(layer.is_moe) for layer in model.layers)
 
 
-def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
+def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
             temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
             ref_tokens_BM=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
@@ -152,7 +156,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
       cfg: static loop config.
       target: (graphdef, state) of the target; draft: the proposer's model the same way
         (the draft model) or None.
-      prompts_BP: int32 right-padded prompts; prompt_len_B: their lengths (>= 1).
+      prompts_BT: int32 right-padded prompts; prompt_len_B: their lengths (>= 1).
       max_new_B: int32 new-token limit per row (>= 1).
       temperature_B, top_k_B, top_p_B: per-row sampling parameters.
       seed_B: int32 per-row seeds (rows are reproducible independently of the batch).
@@ -160,18 +164,18 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
       ref_tokens_BM: ``oracle`` only: int32 [B, M] reference rows in buffer layout (prompt
         then the target's greedy continuation), M <= max_len.
     """
-    b, p = prompts_BP.shape
+    b, p = prompts_BT.shape
     n = cfg.max_len
-    tokens = jnp.zeros((b, n), jnp.int32).at[:, :p].set(prompts_BP)
-    pos_BP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-    valid_BP = pos_BP < prompt_len_B[:, None]
+    tokens = jnp.zeros((b, n), jnp.int32).at[:, :p].set(prompts_BT)
+    pos_BT = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+    valid_BT = pos_BT < prompt_len_B[:, None]
     tg, ts = target
     tmodel_cfg = _model_cfg(tg, ts)
     tcache = KVCache.init(tmodel_cfg.num_layers, b, n, tmodel_cfg.num_kv_heads,
                           tmodel_cfg.dh, jnp.dtype(tmodel_cfg.compute_dtype))
     proposer = proposers.get(cfg.method) if cfg.token_tree is not None else None
     hl = None if proposer is None else proposer.hidden_layers(draft)
-    out = apply(tg, ts, prompts_BP, pos_BP, tcache, token_valid_BT=valid_BP,
+    out = apply(tg, ts, prompts_BT, pos_BT, tcache, token_valid_BT=valid_BT,
                 dispatch=cfg.prefill_dispatch, hidden_layers=hl, plan=cfg.plan)
     logits, tcache = out[:2]
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
@@ -182,7 +186,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BP, prompt_len_B, max_new_B,
     tcache = tcache.replace(lengths=prompt_len_B)
     pstate = None
     if proposer is not None:
-        pstate = proposer.init(cfg, draft, prompts_BP, pos_BP, valid_BP, prompt_len_B, n,
+        pstate = proposer.init(cfg, draft, prompts_BT, pos_BT, valid_BT, prompt_len_B, n,
                                ref_tokens_BM, hidden=out[3] if hl is not None else None)
     seq_len = prompt_len_B + 1
     max_total = prompt_len_B + max_new_B
@@ -239,7 +243,7 @@ def _append(s: DecodeState, new_BT, n_new_B, active_B):
     return tokens, seq_len, done, n_new
 
 
-def _budget_cut(cfg: LoopConfig, routing, path_BP, n_acc):
+def _budget_cut(cfg: LoopConfig, routing, path_BJ, n_acc):
     """Lossless ``prune`` budget: the first accepted node that lost an expert ends the
     path there without a bonus token.
 
@@ -250,9 +254,9 @@ def _budget_cut(cfg: LoopConfig, routing, path_BP, n_acc):
     Returns (n_acc, n_new).
     """
     alive_BT = jnp.all(routing < cfg.num_experts, axis=(2, 3))  # [B, N+1]
-    alive_BP = jnp.take_along_axis(alive_BT, path_BP, axis=1)
-    p = path_BP.shape[1]
-    f = jnp.min(jnp.where(alive_BP, p, jnp.arange(p)[None, :]), axis=1)
+    alive_BJ = jnp.take_along_axis(alive_BT, path_BJ, axis=1)
+    p = path_BJ.shape[1]
+    f = jnp.min(jnp.where(alive_BJ, p, jnp.arange(p)[None, :]), axis=1)
     cut = n_acc >= f
     return jnp.where(cut, f, n_acc), jnp.where(cut, f, n_acc + 1)
 
@@ -298,28 +302,28 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         p = _target_probs(s, logits)
         key_B, use = split_rows(key_B)
         if tree is None:
-            path_BP = jnp.zeros((b, 1), jnp.int32)
+            path_BJ = jnp.zeros((b, 1), jnp.int32)
             n_acc, nxt = rejection_sample_chain(use, node_tok[:, 1:], p[:, :0], p)
         else:
-            path_BP, n_acc, nxt = rejection_sample_tree(tree, use, node_tok, prop.q_BTV, p,
+            path_BJ, n_acc, nxt = rejection_sample_tree(tree, use, node_tok, prop.q_BTV, p,
                                                         s.temperature_B <= 0.0)
         n_new = n_acc + 1
         if cfg.budget_prune and routing is not None and tree is not None:
-            n_acc, n_new = _budget_cut(cfg, routing, path_BP, n_acc)
+            n_acc, n_new = _budget_cut(cfg, routing, path_BJ, n_acc)
 
     with jax.named_scope("commit"):
         w = depth + 1
         j = jnp.arange(w, dtype=jnp.int32)[None, :]
-        path_tok = jnp.take_along_axis(node_tok, path_BP, axis=1)  # [B, D+1], root first
+        path_tok = jnp.take_along_axis(node_tok, path_BJ, axis=1)  # [B, D+1], root first
         drafts_pad = jnp.concatenate([path_tok[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
         new_BT = jnp.where(j < n_acc[:, None], drafts_pad, nxt[:, None])
         tokens, seq_len, done, n_new = _append(s, new_BT, n_new, active)
         if tree is None or tree.is_chain:  # accepted entries already contiguous
             tcache = tcache.replace(lengths=seq_len - 1)
         else:  # root + accepted nodes -> slots pos0 .. pos0 + n_new - 1
-            tcache = compact(tcache, path_BP, n_new)
+            tcache = compact(tcache, path_BJ, n_new)
         if tree is not None:
-            pstate = proposer.commit(cfg, tree, draft, pstate, pos0, path_BP, n_new,
+            pstate = proposer.commit(cfg, tree, draft, pstate, pos0, path_BJ, n_new,
                                      hidden=hidden)
 
     st = s.stats

@@ -8,7 +8,7 @@ contract, so every proposer works for chains and trees alike:
     target layers whose output hidden states the proposer reads (a feature-level drafter
     such as EAGLE); the target returns them from the prefill and verify forwards it runs
     anyway, and ``init``/``commit`` get them as ``hidden`` ``[B, T, len * D]``.
-``init(cfg, params, prompts_BP, pos_BP, valid_BP, prompt_len_B, capacity, ref_BM, hidden)``
+``init(cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity, ref_BM, hidden)``
     the proposer's own per-row state after the prompt (a draft model's KV cache, the
     oracle's reference rows; None for prompt lookup). Stored in
     ``DecodeState.proposer_state``; every leaf has the batch on axis 0 or 1 as the
@@ -18,8 +18,8 @@ contract, so every proposer works for chains and trees alike:
     tree's node tokens (root = the pending token first, then the N nodes in breadth-first
     order) and the draft distributions the children of each node were drawn from
     (``q_BTV``; None for a deterministic proposer: each sibling is a point proposal).
-``commit(cfg, tree, params, state, pos0_B, path_BP, n_new_B, hidden) -> state``
-    resync after acceptance: ``path_BP`` holds the accepted node indices (root first),
+``commit(cfg, tree, params, state, pos0_B, path_BJ, n_new_B, hidden) -> state``
+    resync after acceptance: ``path_BJ`` holds the accepted node indices (root first),
     ``n_new_B`` the entries the target committed from ``pos0`` (root + accepted nodes
     when a bonus token follows), ``hidden`` the verify forward's features per node.
 
@@ -203,14 +203,14 @@ class Proposer:
     def hidden_layers(self, params):
         return None
 
-    def init(self, cfg, params, prompts_BP, pos_BP, valid_BP, prompt_len_B, capacity,
+    def init(self, cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity,
              ref_BM=None, hidden=None):
         return None
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:
         raise NotImplementedError
 
-    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BP, n_new_B,
+    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BJ, n_new_B,
                hidden=None):
         return state
 
@@ -220,13 +220,13 @@ class DraftModel(Proposer):
 
     name = "draft"
 
-    def init(self, cfg, params, prompts_BP, pos_BP, valid_BP, prompt_len_B, capacity,
+    def init(self, cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity,
              ref_BM=None, hidden=None):
         dg, ds = params
         mc = _model_cfg(dg, ds)
-        cache = KVCache.init(mc.num_layers, prompts_BP.shape[0], capacity, mc.num_kv_heads,
+        cache = KVCache.init(mc.num_layers, prompts_BT.shape[0], capacity, mc.num_kv_heads,
                              mc.dh, jnp.dtype(mc.compute_dtype))
-        _, cache, _ = apply(dg, ds, prompts_BP, pos_BP, cache, token_valid_BT=valid_BP,
+        _, cache, _ = apply(dg, ds, prompts_BT, pos_BT, cache, token_valid_BT=valid_BT,
                             plan=cfg.plan)
         return cache.replace(lengths=prompt_len_B)
 
@@ -237,14 +237,14 @@ class DraftModel(Proposer):
                                                 s.top_k_B, s.top_p_B, active_B, cfg.plan)
         return Proposal(tok, q, cache, key_B, fed=draft_tokens_fed(tree))
 
-    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BP, n_new_B,
+    def commit(self, cfg, tree: TokenTree, params, state, pos0_B, path_BJ, n_new_B,
                hidden=None):
         if tree.is_chain:  # the accepted drafts already sit at contiguous slots
             return state
         # the cache must be valid below the next pos0 - 1 = pos0 + n_acc: the root and the
         # accepted non-leaf nodes, which the level forwards left at their node slots (the
         # last accepted node is re-fed next iteration, "lazy by one")
-        return compact(state.replace(lengths=pos0_B), path_BP, jnp.zeros_like(n_new_B))
+        return compact(state.replace(lengths=pos0_B), path_BJ, jnp.zeros_like(n_new_B))
 
 
 def _model_cfg(graphdef, state):
@@ -331,11 +331,11 @@ class Oracle(Proposer):
 
     name = "oracle"
 
-    def init(self, cfg, params, prompts_BP, pos_BP, valid_BP, prompt_len_B, capacity,
+    def init(self, cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity,
              ref_BM=None, hidden=None):
         if ref_BM is None:
             raise ValueError("spec method 'oracle' needs the reference tokens")
-        b = prompts_BP.shape[0]
+        b = prompts_BT.shape[0]
         return jnp.zeros((b, capacity), jnp.int32).at[:, :ref_BM.shape[1]].set(ref_BM)
 
     def propose(self, cfg, tree: TokenTree, params, s, active_B) -> Proposal:

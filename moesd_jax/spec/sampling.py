@@ -167,7 +167,7 @@ def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
       greedy_B: rows accepting by argmax match.
 
     Returns:
-      (path_BP int32 [B, D+1] accepted node indices, root first, padded with the last
+      (path_BJ int32 [B, D+1] accepted node indices, root first, padded with the last
        accepted node; num_accepted_B int32 in [0, D]; next_token_B int32).
     """
     b, t, v = p_BTV.shape
@@ -224,5 +224,5 @@ def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
         depth_step, (zeros, jnp.zeros((b,), jnp.bool_), zeros, p_BTV[:, 0]), None,
         length=tree.depth)
     final = jnp.where(stopped[:, None], final, p_BTV[rows, cur])  # bonus: p at the leaf
-    path_BP = jnp.concatenate([zeros[:, None], path.T], axis=1)
-    return path_BP, n_acc, sample(kr, final)
+    path_BJ = jnp.concatenate([zeros[:, None], path.T], axis=1)
+    return path_BJ, n_acc, sample(kr, final)
