@@ -65,6 +65,10 @@ from moesd_jax.serving.engine import (
 from moesd_jax.serving.metrics import make_registry
 
 MAX_STOP_STRINGS = 8
+# Idle keep-alive connections stay open this long (uvicorn's default is 5 s, the same as
+# httpx's client-side expiry: a client reusing a connection just as the server closes it
+# gets "Server disconnected without sending a response"). Longer than clients' expiry.
+KEEP_ALIVE_S = 65
 
 # ---------------------------------------------------------------------------------------
 # request schemas
@@ -590,7 +594,8 @@ class ServerThread:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = _url(host, self.port)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                                    timeout_graceful_shutdown=5))
+                                                    timeout_graceful_shutdown=5,
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="moesd-uvicorn", daemon=True)
 
@@ -644,7 +649,8 @@ def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1",
                 on_ready(url)
 
     server = _Uvicorn(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                     timeout_graceful_shutdown=drain_timeout))
+                                     timeout_graceful_shutdown=drain_timeout,
+                                     timeout_keep_alive=KEEP_ALIVE_S))
     try:
         server.run(sockets=[sock])
     finally:
