@@ -170,7 +170,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     pos_BT = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
     valid_BT = pos_BT < prompt_len_B[:, None]
     tg, ts = target
-    tmodel_cfg = _model_cfg(tg, ts)
+    tmodel_cfg = proposers.model_cfg(tg, ts)
     tcache = KVCache.init(tmodel_cfg.num_layers, b, n, tmodel_cfg.num_kv_heads,
                           tmodel_cfg.dh, jnp.dtype(tmodel_cfg.compute_dtype))
     proposer = proposers.get(cfg.method) if cfg.token_tree is not None else None
@@ -199,12 +199,6 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, pstate, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
                        top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats)
-
-
-def _model_cfg(graphdef, state):
-    from flax import nnx
-
-    return nnx.merge(graphdef, state).cfg
 
 
 def _is_stop(tok, stop_ids_BP):

@@ -223,7 +223,7 @@ class DraftModel(Proposer):
     def init(self, cfg, params, prompts_BT, pos_BT, valid_BT, prompt_len_B, capacity,
              ref_BM=None, hidden=None):
         dg, ds = params
-        mc = _model_cfg(dg, ds)
+        mc = model_cfg(dg, ds)
         cache = KVCache.init(mc.num_layers, prompts_BT.shape[0], capacity, mc.num_kv_heads,
                              mc.dh, jnp.dtype(mc.compute_dtype))
         _, cache, _ = apply(dg, ds, prompts_BT, pos_BT, cache, token_valid_BT=valid_BT,
@@ -247,7 +247,9 @@ class DraftModel(Proposer):
         return compact(state.replace(lengths=pos0_B), path_BJ, jnp.zeros_like(n_new_B))
 
 
-def _model_cfg(graphdef, state):
+def model_cfg(graphdef, state):
+    """The ModelConfig of a model held as ``nnx.split`` pieces (the loop's and the
+    draft model's caches are sized from it)."""
     from flax import nnx
 
     return nnx.merge(graphdef, state).cfg
