@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moesd_jax.analysis.cost_model import expected_unique_experts, read_bandwidth
 from moesd_jax.config import ModelConfig, MoEConfig, SpecConfig
 from moesd_jax.kv_cache import KVCache
 from moesd_jax.models.transformer import Transformer, apply
@@ -45,32 +46,6 @@ def bench_configs(d_model: int = 1024, layers: int = 8, experts: int = 32, top_k
                                          expert_dim=expert_dim, dispatch="gather")),
         "dense": ModelConfig(mlp_dim=top_k * expert_dim, **common),
     }
-
-
-def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict[str, float]:
-    """Read bandwidth (bytes/s) over a buffer larger than any cache, two ways.
-
-    numpy's ``sum`` runs on one core and is partly compute-bound (11 GB/s here where two
-    cores read 19 GB/s), so the jitted XLA ``jnp.sum`` (all cores) is measured too; the
-    larger is the peak that achieved bandwidths are compared with.
-    """
-    a = np.ones(nbytes // 4, np.float32)
-
-    def med(fn):
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    x = jnp.asarray(a)
-    xla_sum = jax.jit(jnp.sum)
-    xla_sum(x).block_until_ready()
-    out = {"numpy_sum": nbytes / med(a.sum),
-           "xla_sum": nbytes / med(lambda: xla_sum(x).block_until_ready())}
-    out["peak"] = max(out.values())
-    return out
 
 
 def _weight_bytes(model: Transformer, routing_BTLK: np.ndarray | None) -> tuple[int, int]:
@@ -101,6 +76,13 @@ def unique_experts_per_layer(routing_BTLK: np.ndarray | None, num_experts: int) 
     ids = routing_BTLK.reshape(-1, routing_BTLK.shape[2], routing_BTLK.shape[3])
     return float(np.mean([len(np.setdiff1d(np.unique(ids[:, layer]), [num_experts]))
                           for layer in range(ids.shape[1])]))
+
+
+def make_model(cfg: ModelConfig, seed: int = 0):
+    """(graphdef, state) of a random-weight model in the layout CPU decoding uses."""
+    model = Transformer(cfg, nnx.Rngs(seed))
+    cpu_decode_layout(model)
+    return nnx.split(model)
 
 
 def forward_time(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
@@ -213,11 +195,6 @@ def decode_sweep(models=("moe", "dense"), batches=BATCHES, ks=KS, acceptance: fl
     return rows
 
 
-def expected_unique_experts(num_experts: int, top_k: int, tokens: int) -> float:
-    """Independent routing: ``N (1 - (1 - k/N)^T)`` unique experts for T tokens (MoESD)."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
 def write_outputs(rows: list[dict], out_dir: str = "docs", stem: str = "decode_sweep") -> list:
     """CSV of every row and a PNG of SD speedup vs batch per K (MoE solid, dense dashed)."""
     import csv
@@ -256,3 +233,44 @@ def write_outputs(rows: list[dict], out_dir: str = "docs", stem: str = "decode_s
     plt.close(fig)
     return [csv_path, png_path]
 
+
+
+def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64),
+                    tokens=(1, 2, 4, 8), context: int = 32, repeats: int = 3,
+                    configs: dict[str, ModelConfig] | None = None, progress=None) -> list[dict]:
+    """The cost model's calibration check: for each (model, batch, T) the measured median
+    time of one jitted target forward of T tokens per row after ``context`` cached ones,
+    next to ``analysis.cost_model.step_cost`` on ``hw`` (independence formula for the
+    unique experts, and with the unique experts the forward actually routed to)."""
+    from moesd_jax.analysis.cost_model import step_cost
+
+    configs = configs or bench_configs()
+    rows = []
+    for name in models:
+        cfg = configs[name]
+        graphdef, state = make_model(cfg)
+        cap = -(-(context + max(tokens)) // 128) * 128
+        for b in batches:
+            for t in tokens:
+                meas, rt = forward_time(graphdef, state, cfg, b, t, context, cap, repeats)
+                n_exp = cfg.moe.num_experts if cfg.moe else 0
+                pred = step_cost(cfg, hw, b, t, context=context)
+                row = {"model": name, "batch": b, "tokens": t, "measured_ms": meas * 1e3,
+                       "predicted_ms": pred.time_s * 1e3,
+                       "error": pred.time_s / meas - 1.0,
+                       "predicted_bytes": pred.bytes, "predicted_flops": pred.flops,
+                       "expert_fraction": pred.expert_fraction}
+                if n_exp:
+                    ids = rt.reshape(-1, rt.shape[2], rt.shape[3])
+                    u_layers = [len(np.setdiff1d(np.unique(ids[:, i]), [n_exp]))
+                                for i in range(ids.shape[1])]
+                    traced = step_cost(cfg, hw, b, t, context=context, unique_experts=u_layers)
+                    row |= {"unique_experts": float(np.mean(u_layers)),
+                            "unique_experts_independent": pred.unique_experts,
+                            "predicted_traced_ms": traced.time_s * 1e3,
+                            "error_traced": traced.time_s / meas - 1.0}
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+        del graphdef, state
+    return rows

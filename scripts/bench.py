@@ -10,6 +10,10 @@
   python scripts/bench.py hf [--prompts 10 --max-new-tokens 64 --batch 1 8 --k 4]
       ours AR and SD vs Hugging Face transformers (PyTorch) greedy generate and assisted
       generation on the same weights (exported float32) and prompts; tokens compared.
+  python scripts/bench.py costmodel [--batch 1 2 4 ... 64 --tokens 1 2 4 8]
+      the cost model's calibration check: predicted (cpu-measured preset, calibrated in
+      the same run) vs measured forward times of the decode benchmark's MoE and dense
+      shapes, error per point.
 """
 
 from __future__ import annotations
@@ -73,6 +77,17 @@ def main(argv=None) -> int:
     dc.add_argument("--small", action="store_true",
                     help="a tiny shape (d 64, 2 layers) to check the harness quickly")
     dc.add_argument("--json", action="store_true")
+    cm = sub.add_parser("costmodel", help="cost model: predicted vs measured step times")
+    cm.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    cm.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
+    cm.add_argument("--model", choices=["moe", "dense", "both"], default="both")
+    cm.add_argument("--context", type=int, default=32)
+    cm.add_argument("--repeats", type=int, default=3)
+    cm.add_argument("--small", action="store_true",
+                    help="a tiny shape (d 64, 2 layers) to check the harness quickly")
+    cm.add_argument("--save-calibration", default=None,
+                    help="also write the cpu-measured calibration JSON here")
+    cm.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from moesd_jax import benchmarks
@@ -84,6 +99,8 @@ def main(argv=None) -> int:
         return spec_cmd(args, benchmarks)
     if args.cmd == "decode":
         return decode_cmd(args)
+    if args.cmd == "costmodel":
+        return costmodel_cmd(args)
     if args.cmd == "attention":
         return attention_cmd(args)
     if args.cmd == "hf":
@@ -183,6 +200,64 @@ def decode_cmd(args) -> int:
               f"peak RSS {max(r['peak_rss_gb'] for r in rows):.2f} GB; wrote "
               + ", ".join(str(p) for p in paths))
     return 0 if all(r["tokens_equal"] for r in rows) else 1
+
+
+def costmodel_cmd(args) -> int:
+    import os
+    import statistics
+
+    from moesd_jax import bench_decode as bd
+    from moesd_jax.analysis import cost_model
+
+    if min(args.batch) < 1 or min(args.tokens) < 1 or args.context < 0 or args.repeats < 1:
+        print(f"error: --batch {args.batch} and --tokens {args.tokens} must be >= 1, "
+              f"--context={args.context} >= 0, --repeats={args.repeats} >= 1", file=sys.stderr)
+        return 2
+    hw = cost_model.calibrate_cpu()
+    if args.save_calibration:
+        with open(args.save_calibration, "w") as f:
+            json.dump(hw.to_json(), f, indent=1)
+    models = ["moe", "dense"] if args.model == "both" else [args.model]
+    configs = (bd.bench_configs(d_model=64, layers=2, experts=8, top_k=2, expert_dim=64,
+                                vocab=512) if args.small else bd.bench_configs())
+    if not args.json:
+        c = configs["moe"]
+        print(f"# costmodel: MoE d={c.d_model} L={c.num_layers} E={c.moe.num_experts} "
+              f"top-{c.moe.top_k} F={c.moe.expert_dim} V={c.vocab_size} and the dense model "
+              f"of equal active size, float32, context {args.context}; load average "
+              f"{os.getloadavg()[0]:.1f}")
+        print(f"# cpu-measured: read {hw.mem_bandwidth / 1e9:.1f} GB/s, dot [rows,1024]x"
+              f"[1024,1024] GFLOP/s by rows "
+              + " ".join(f"{r}:{f / 1e9:.0f}" for r, f in hw.matmul_flops_by_rows)
+              + f", overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
+              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer")
+        print(f"{'model':>5} {'B':>3} {'T':>2} {'measured ms':>11} {'predicted':>9} "
+              f"{'error':>6} {'traced':>8} {'error':>6} {'uniq':>5} {'indep':>5} "
+              f"{'expert%':>7}", flush=True)
+
+    def show(r):
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        tr = (f"{r['predicted_traced_ms']:>8.2f} {r['error_traced']:>+6.0%} "
+              f"{r['unique_experts']:>5.1f} {r['unique_experts_independent']:>5.1f}"
+              if "unique_experts" in r else f"{'':>8} {'':>6} {'':>5} {'':>5}")
+        print(f"{r['model']:>5} {r['batch']:>3} {r['tokens']:>2} {r['measured_ms']:>11.2f} "
+              f"{r['predicted_ms']:>9.2f} {r['error']:>+6.0%} {tr} "
+              f"{r['expert_fraction']:>7.0%}", flush=True)
+
+    rows = bd.costmodel_sweep(hw, models, args.batch, args.tokens, args.context,
+                              args.repeats, configs, progress=show)
+    errs = [abs(r["error"]) for r in rows]
+    within = sum(e <= 0.25 for e in errs)
+    summary = {"points": len(rows), "within_25pct": within,
+               "median_abs_error": statistics.median(errs), "max_abs_error": max(errs)}
+    if args.json:
+        print(json.dumps({"summary": summary, "hardware": hw.to_json()}))
+    else:
+        print(f"# {within}/{len(rows)} points within 25%; median |error| "
+              f"{summary['median_abs_error']:.0%}, max {summary['max_abs_error']:.0%}")
+    return 0
 
 
 def step_costs(lm, args) -> dict:

@@ -71,6 +71,8 @@ class LoopConfig:
       oracle_acceptance: the oracle proposer's per-node probability of the right token.
       plan: the sharding plan the models run under (expert-parallel MoE when it shards
         experts), passed to every model call; part of the program's identity.
+      trace_steps: > 0 records each row's routing for its first ``trace_steps`` verify
+        steps in ``DecodeState.routing_trace`` (``analysis/routing.py``); 0 = none.
     """
 
     method: str
@@ -85,6 +87,7 @@ class LoopConfig:
     budget_prune: bool = False
     oracle_acceptance: float = 0.0
     plan: object = None  # sharding.ShardingPlan (compared by identity) or None
+    trace_steps: int = 0
 
     @property
     def token_tree(self) -> spec_tree.TokenTree | None:
@@ -138,6 +141,10 @@ class DecodeState:
     top_p_B: jax.Array
     stop_ids_BP: jax.Array  # int32 [B, max_stop], -1 = unused
     stats: Stats
+    # int16 [S, B, T, L_moe, K]: the expert ids each row's verify step s routed its T
+    # tokens to (E = no expert: inactive rows, dropped by a budget); None unless
+    # LoopConfig.trace_steps > 0. Row b's valid steps: stats.iterations_B[b].
+    routing_trace: object = None
 
 
 def _num_moe_layers(graphdef, state) -> int:
@@ -196,9 +203,15 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     z = jnp.zeros((b,), jnp.int32)
     stats = Stats(z, z, z, jnp.zeros((b, kk), jnp.int32), jnp.zeros((n_moe,), jnp.int32),
                   jnp.zeros((), jnp.int32), z)
+    trace = None
+    if cfg.trace_steps and n_moe:
+        top_k = proposers.model_cfg(tg, ts).moe.top_k
+        trace = jnp.full((cfg.trace_steps, b, cfg.width, n_moe, top_k), cfg.num_experts,
+                         jnp.int16)
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, pstate, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
-                       top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats)
+                       top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats,
+                       trace)
 
 
 def _is_stop(tok, stop_ids_BP):
@@ -333,8 +346,12 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
                   st.accepted_pos_BK + acc_pos, uniq,
                   st.verify_steps + jnp.any(active).astype(jnp.int32),
                   st.draft_fed_B + fed * act)
+    trace = s.routing_trace
+    if trace is not None and routing is not None:  # row b writes slot iterations_B[b]
+        slot = jnp.where(active, st.iterations_B, trace.shape[0])
+        trace = trace.at[slot, jnp.arange(b)].set(routing.astype(jnp.int16), mode="drop")
     return s.replace(tokens_BM=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
-                     proposer_state=pstate, key_B=key_B, stats=stats)
+                     proposer_state=pstate, key_B=key_B, stats=stats, routing_trace=trace)
 
 
 def generate_loop(cfg: LoopConfig, target, draft, *prefill_args) -> DecodeState:

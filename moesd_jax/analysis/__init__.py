@@ -1,0 +1,2 @@
+"""Analysis tools: the MoESD cost model (``cost_model``) and routing-trace analysis
+(``routing``)."""

@@ -1,0 +1,497 @@
+"""The MoESD cost model: bytes, FLOPs and roofline time of a forward, and SD speedup.
+
+The one place the project's performance formulas live: ``bench.py decode`` and
+``bench.py costmodel`` predictions, ``scripts/predict_speedup.py`` and the routing
+report's Amdahl split all read from here.
+
+A forward of the target over ``B`` rows of ``T`` tokens each (T = 1: a plain decode
+step; T = K + 1: a chain verification; T = N + 1: a tree of N nodes), after ``C``
+cached tokens per row, is split into parts, each with the bytes it must move and the
+FLOPs it must do:
+
+  attention   q/k/v/o projections: every weight once, ``2 * B*T * params`` FLOPs
+  attn_core   the KV cache read (``B * (C + T)`` entries per layer) and QK/PV FLOPs
+  dense_mlp   dense MLP layers (a dense model's every layer)
+  router      the MoE router
+  experts     the routed experts: each *unique* expert's weights once (``U`` per layer,
+              from the independence formula ``N (1 - (1 - k/N)^(B*T))`` or a measured
+              trace), ``2 * B*T*k * 3 D F`` FLOPs
+  shared      an always-on shared expert (Qwen2-MoE, the bundled target)
+  lm_head     the output projection for all ``B*T`` positions
+
+A part's time is its roofline ``max(bytes / bandwidth, FLOPs / matmul_throughput)``; the
+forward's time is the sum over parts plus fixed overheads (per step and per layer). On
+hardware whose engine runs experts in row chunks (CPU ``gather``: ``models.moe.row_chunk``
+rows per dot, each chunk re-reading its expert's weights), the expert part is the
+expected number of chunks times one chunk dot, with throughput measured per row count
+(:func:`calibrate_cpu`); elsewhere an expert's rows go through one grouped matmul.
+
+Speculative decoding (MoESD's model): with ``sigma`` the expected tokens one iteration
+commits (:func:`expected_tokens`: 1 + the expected accepted drafts), the SD speedup over
+plain decoding at batch B is
+
+    speedup = sigma * t(B, 1) / (K * t_draft(B) + t(B, K + 1))
+
+(the rejection sampling is inside the verify forward's time here; add it to the draft
+side if it is not). **Target efficiency** is defined here as
+
+    target_efficiency(B, T) = t(B, 1) / t(B, T),
+
+the cost of a one-token step over the cost of a T-token verification at the same batch
+and context: 1 when verifying T tokens is as cheap as decoding one (memory-bound, no
+extra bytes), 1/T when it costs T steps (compute-bound). SD can only win where
+``sigma * target_efficiency(B, K+1) > 1`` (before the draft's cost).
+
+Hardware presets (``configs/hardware/presets.yaml``, cited there): ``tpu-v4``,
+``tpu-v5e``, ``tpu-v5p``, ``tpu-v6e``, ``a100``, ``h100``, ``h200``, and ``cpu-measured``
+(calibrated on this machine by :func:`calibrate_cpu`, cached as JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from moesd_jax.config import REPO_CONFIGS, ModelConfig
+
+PRESETS_FILE = REPO_CONFIGS / "hardware" / "presets.yaml"
+CPU_CALIBRATION = (Path(os.environ.get("MOESD_JAX_CACHE", "~/.cache/moesd_jax")).expanduser()
+                   / "cpu-measured.json")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1}
+
+
+# -- hardware -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One chip as the cost model sees it.
+
+    Attributes:
+      name: preset id (``h100``, ``tpu-v5e``, ``cpu-measured``, ...).
+      peak_flops: matmul throughput, FLOP/s, when no per-row-count table applies.
+      mem_bandwidth: read bandwidth, bytes/s.
+      step_overhead_s, layer_overhead_s: fixed time per forward and per layer.
+      matmul_flops_by_rows: measured ``(rows, FLOP/s)`` of a ``[rows, D] x [D, F]`` dot;
+        throughput at other row counts is interpolated (log-log); empty = ``peak_flops``.
+      expert_row_chunks: the engine computes experts in row chunks
+        (``models.moe.row_chunk``; CPU ``gather``), each chunk reading the expert's weights.
+      hbm_bytes: memory of one chip (informational).
+      source: where the figures come from.
+    """
+
+    name: str
+    peak_flops: float
+    mem_bandwidth: float
+    step_overhead_s: float = 0.0
+    layer_overhead_s: float = 0.0
+    matmul_flops_by_rows: tuple[tuple[int, float], ...] = ()
+    expert_row_chunks: bool = False
+    hbm_bytes: int = 0
+    source: str = ""
+
+    def flops_at(self, rows: float) -> float:
+        """Matmul throughput (FLOP/s) for a dot with ``rows`` rows."""
+        tab = self.matmul_flops_by_rows
+        if not tab:
+            return self.peak_flops
+        r = np.log(max(rows, 1e-9))
+        xs = np.log([t[0] for t in tab])
+        ys = np.log([t[1] for t in tab])
+        return float(np.exp(np.interp(r, xs, ys)))
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["matmul_flops_by_rows"] = [list(x) for x in self.matmul_flops_by_rows]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Hardware:
+        d = dict(d)
+        d["matmul_flops_by_rows"] = tuple((int(r), float(f))
+                                          for r, f in d.get("matmul_flops_by_rows", ()))
+        return cls(**d)
+
+
+def preset_names() -> list[str]:
+    return sorted(yaml.safe_load(PRESETS_FILE.read_text())) + ["cpu-measured"]
+
+
+def preset(name: str, calibration: str | Path | None = None) -> Hardware:
+    """A hardware preset by id (case-insensitive). ``cpu-measured`` reads the calibration
+    JSON (``calibration`` or the cached one, see :data:`CPU_CALIBRATION`) and runs
+    :func:`calibrate_cpu` (about a minute) when there is none."""
+    key = name.lower()
+    if key == "cpu-measured":
+        path = Path(calibration) if calibration else CPU_CALIBRATION
+        if path.exists():
+            return Hardware.from_json(json.loads(path.read_text()))
+        hw = calibrate_cpu()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(hw.to_json(), indent=1))
+        return hw
+    table = yaml.safe_load(PRESETS_FILE.read_text())
+    if key not in table:
+        raise ValueError(f"hardware={name!r} is not a preset; choose one of {preset_names()}")
+    d = dict(table[key])
+    for f in ("peak_flops", "mem_bandwidth", "step_overhead_s", "layer_overhead_s"):
+        d[f] = float(d.get(f, 0.0))  # YAML 1.1 reads 1.0e9 (no exponent sign) as a string
+    d["hbm_bytes"] = int(d.get("hbm_bytes", 0))
+    return Hardware(name=key, **d)
+
+
+# -- CPU calibration ------------------------------------------------------------------------
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict[str, float]:
+    """Read bandwidth (bytes/s) over a buffer larger than any cache, two ways.
+
+    numpy's ``sum`` runs on one core and is partly compute-bound (11 GB/s on the 2-core
+    development machine where two cores read 19 GB/s), so the jitted XLA ``jnp.sum`` (all
+    cores) is measured too; ``peak`` is the larger.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = np.ones(nbytes // 4, np.float32)
+    x = jnp.asarray(a)
+    xla_sum = jax.jit(jnp.sum)
+    out = {"numpy_sum": nbytes / _median_time(a.sum, repeats),
+           "xla_sum": nbytes / _median_time(lambda: xla_sum(x).block_until_ready(), repeats)}
+    out["peak"] = max(out.values())
+    return out
+
+
+def matmul_throughput(rows: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                      d: int = 1024, f: int = 1024, dtype: str = "float32",
+                      repeats: int = 5) -> list[tuple[int, float]]:
+    """Measured FLOP/s of jitted ``[rows, d] x [d, f]`` float32 dots (a fresh weight per
+    call so that it is read from memory, as in a decode step)."""
+    import jax
+    import jax.numpy as jnp
+
+    if d != f:
+        raise ValueError(f"d={d} != f={f}: the dots are chained, so they must be square")
+    n_w = max(2, (256 << 20) // (d * f * 4))  # > any cache: weights come from memory
+    ws = tuple(jnp.asarray(np.random.default_rng(i).standard_normal((d, f)), dtype)
+               for i in range(n_w))
+    # one call runs n_w dependent dots (as a forward does), each on its own weight
+    # buffer: no per-call dispatch cost, no concurrency between independent dots
+    def chain(x, ws):
+        for w in ws:
+            x = jnp.tanh(x @ w)
+        return x
+
+    dots = jax.jit(chain)
+    out = []
+    for r in rows:
+        x = jnp.ones((r, d), dtype)
+        t = _median_time(lambda x=x: jax.block_until_ready(dots(x, ws)), repeats) / n_w
+        out.append((int(r), 2.0 * r * d * f / t))
+    return out
+
+
+def calibrate_cpu(repeats: int = 5) -> Hardware:
+    """``cpu-measured``: this machine's read bandwidth, matmul throughput per row count,
+    and the fixed overheads of a forward (per step and per layer, from tiny models whose
+    time is all overhead)."""
+    import jax
+
+    bw = read_bandwidth()["peak"]
+    tab = matmul_throughput(repeats=repeats)
+    step_oh, layer_oh = _measure_overheads(repeats)
+    return Hardware(name="cpu-measured", peak_flops=max(f for _, f in tab), mem_bandwidth=bw,
+                    step_overhead_s=step_oh, layer_overhead_s=layer_oh,
+                    matmul_flops_by_rows=tuple(tab), expert_row_chunks=True,
+                    source=f"calibrate_cpu() on {os.uname().nodename}, {os.cpu_count()} CPUs, "
+                           f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def _tiny(layers: int) -> ModelConfig:
+    from moesd_jax.config import MoEConfig
+
+    return ModelConfig(vocab_size=64, d_model=32, num_layers=layers, num_heads=2,
+                       num_kv_heads=2, mlp_dim=32, max_seq_len=128, eos_token_ids=(),
+                       moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32, dispatch="gather"))
+
+
+def _measure_overheads(repeats: int) -> tuple[float, float]:
+    """(per-step, per-layer) seconds: a 1-layer and a 3-layer tiny MoE model's T=1
+    forward at batch 1; their weights are a few KB, so their time is dispatch overhead."""
+    from moesd_jax.bench_decode import forward_time, make_model
+
+    ts = {}
+    for layers in (1, 3):
+        cfg = _tiny(layers)
+        graphdef, state = make_model(cfg)
+        ts[layers] = forward_time(graphdef, state, cfg, 1, 1, 16, 128, repeats=max(repeats, 9))[0]
+    per_layer = max((ts[3] - ts[1]) / 2, 0.0)
+    return max(ts[1] - per_layer, 0.0), per_layer
+
+
+# -- the model -----------------------------------------------------------------------------
+def expected_unique_experts(num_experts: int, top_k: int, tokens: float) -> float:
+    """Independent routing: ``N (1 - (1 - k/N)^T)`` distinct experts for T tokens (MoESD).
+
+    E.g. OLMoE (64, 8): T = 4 -> 26.5, T = 8 -> 42.0; Mixtral (8, 2): T = 4 -> 5.47.
+    """
+    if tokens <= 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def expected_chunks(num_experts: int, top_k: int, tokens: int, chunk: int) -> float:
+    """Expected row-chunk dots per layer when each of the E experts runs its routed rows in
+    chunks of ``chunk``: ``E * sum_n P(n) ceil(n / chunk)``, n ~ Binomial(tokens, k/E)
+    (independent routing)."""
+    if tokens <= 0:
+        return 0.0
+    p = top_k / num_experts
+    if p >= 1.0:
+        return num_experts * math.ceil(tokens / chunk)
+    n = np.arange(tokens + 1)
+    lg = np.vectorize(math.lgamma)
+    logpmf = (lg(tokens + 1) - lg(n + 1) - lg(tokens - n + 1) + n * np.log(p)
+              + (tokens - n) * np.log1p(-p))
+    return float(num_experts * np.sum(np.exp(logpmf) * np.ceil(n / chunk)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    bytes: float
+    flops: float
+    time_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """One forward: per-part bytes/FLOPs/time, the overhead, and the totals."""
+
+    parts: dict[str, Part]
+    overhead_s: float
+    unique_experts: float  # per MoE layer (0 for dense)
+
+    @property
+    def time_s(self) -> float:
+        return sum(p.time_s for p in self.parts.values()) + self.overhead_s
+
+    @property
+    def bytes(self) -> float:
+        return sum(p.bytes for p in self.parts.values())
+
+    @property
+    def flops(self) -> float:
+        return sum(p.flops for p in self.parts.values())
+
+    @property
+    def expert_time_s(self) -> float:
+        """Time of the routed experts (the part expert budgets and routing affect)."""
+        return self.parts["experts"].time_s if "experts" in self.parts else 0.0
+
+    @property
+    def expert_fraction(self) -> float:
+        """Amdahl: the share of the step spent in routed experts."""
+        return self.expert_time_s / self.time_s
+
+
+def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
+    """The dense model of equal active size: every MoE layer's routed experts become one
+    MLP ``top_k * expert_dim`` wide (plus the shared expert's width)."""
+    m = cfg.moe
+    if m is None:
+        return cfg
+    width = m.top_k * m.expert_dim + m.shared_expert_dim
+    return dataclasses.replace(cfg, moe=None, mlp_dim=width)
+
+
+def _roof(hw: Hardware, nbytes: float, flops: float, rows: float) -> Part:
+    return Part(nbytes, flops, max(nbytes / hw.mem_bandwidth,
+                                   flops / hw.flops_at(rows) if flops else 0.0))
+
+
+def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
+              context: int = 512, unique_experts: float | Sequence[float] | None = None,
+              weight_dtype: str | None = None) -> StepCost:
+    """Roofline cost of one forward of ``batch`` rows x ``tokens`` tokens after
+    ``context`` cached tokens per row.
+
+    Args:
+      unique_experts: distinct experts per MoE layer (a number, or one per layer, e.g.
+        from a routing trace); None = the independence formula for ``batch * tokens``.
+      weight_dtype: bytes per weight from this dtype; None = ``cfg.param_dtype`` (the
+        CPU preset uses ``cfg.compute_dtype``: CPU decoding holds weights in it).
+    """
+    if batch < 1 or tokens < 1 or context < 0:
+        raise ValueError(f"batch={batch} and tokens={tokens} must be >= 1, context={context} "
+                         ">= 0")
+    wdt = weight_dtype or (cfg.compute_dtype if hw.expert_row_chunks else cfg.param_dtype)
+    wb = _DTYPE_BYTES[wdt]
+    kvb = _DTYPE_BYTES[cfg.compute_dtype]
+    d, dh, h, g = cfg.d_model, cfg.dh, cfg.num_heads, cfg.num_kv_heads
+    m_rows = batch * tokens
+    layers = cfg.num_layers
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(layers)) if cfg.moe else 0
+    n_dense = layers - n_moe
+    parts: dict[str, Part] = {}
+
+    attn_params = d * h * dh * 2 + d * g * dh * 2
+    parts["attention"] = _roof(hw, layers * attn_params * wb, 2 * m_rows * layers * attn_params,
+                               m_rows)
+    kv_entries = batch * (context + tokens)
+    parts["attn_core"] = _roof(hw, layers * kv_entries * 2 * g * dh * kvb,
+                               layers * 4 * m_rows * h * dh * (context + tokens), tokens)
+    if n_dense:
+        p = 3 * d * cfg.mlp_dim
+        parts["dense_mlp"] = _roof(hw, n_dense * p * wb, 2 * m_rows * n_dense * p, m_rows)
+    u = 0.0
+    if n_moe:
+        m = cfg.moe
+        parts["router"] = _roof(hw, n_moe * d * m.num_experts * wb,
+                                2 * m_rows * n_moe * d * m.num_experts, m_rows)
+        pe = 3 * d * m.expert_dim
+        if unique_experts is None:
+            u_layers = [expected_unique_experts(m.num_experts, m.top_k, m_rows)] * n_moe
+        elif np.isscalar(unique_experts):
+            u_layers = [float(unique_experts)] * n_moe
+        else:
+            u_layers = [float(x) for x in unique_experts]
+            if len(u_layers) != n_moe:
+                raise ValueError(f"unique_experts has {len(u_layers)} values for {n_moe} MoE "
+                                 "layers")
+        u = float(np.mean(u_layers))
+        routed_rows = m_rows * m.top_k
+        if hw.expert_row_chunks:
+            from moesd_jax.models.moe import row_chunk
+
+            c = row_chunk(m_rows, m.top_k, m.num_experts)
+            t_chunk = _roof(hw, pe * wb, 2 * c * pe, c).time_s
+            if unique_experts is None:
+                chunks = n_moe * expected_chunks(m.num_experts, m.top_k, m_rows, c)
+            else:  # measured U: each active expert one chunk, the other rows c per chunk
+                chunks = sum(ul + max(routed_rows - ul, 0.0) / c for ul in u_layers)
+            parts["experts"] = Part(chunks * pe * wb, chunks * 2 * c * pe, chunks * t_chunk)
+        else:
+            parts["experts"] = _roof(hw, sum(u_layers) * pe * wb,
+                                     2 * routed_rows * n_moe * pe, routed_rows / max(u, 1.0))
+        if m.shared_expert_dim:
+            ps = 3 * d * m.shared_expert_dim + (d if m.shared_expert_gate else 0)
+            parts["shared"] = _roof(hw, n_moe * ps * wb, 2 * m_rows * n_moe * ps, m_rows)
+    parts["lm_head"] = _roof(hw, d * cfg.vocab_size * wb, 2 * m_rows * d * cfg.vocab_size,
+                             m_rows)
+    overhead = hw.step_overhead_s + layers * hw.layer_overhead_s
+    return StepCost(parts, overhead, u)
+
+
+def step_time(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1, **kw) -> float:
+    return step_cost(cfg, hw, batch, tokens, **kw).time_s
+
+
+def target_efficiency(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int,
+                      **kw) -> float:
+    """``t(B, 1) / t(B, T)``: see the module docstring (1 = verification is free)."""
+    return step_time(cfg, hw, batch, 1, **kw) / step_time(cfg, hw, batch, tokens, **kw)
+
+
+def expected_tokens(acceptance: float | Sequence[float], k: int) -> float:
+    """``sigma``: expected tokens one chain iteration of K drafts commits.
+
+    ``acceptance`` is a per-position acceptance rate (the same for every position) or K
+    rates ``a_1..a_K`` (draft i is accepted given drafts < i were): sigma = 1 +
+    sum_i prod_{j <= i} a_j (the bonus/correction token plus the accepted drafts).
+    """
+    if np.isscalar(acceptance):
+        rates = [float(acceptance)] * k
+    else:
+        rates = [float(a) for a in acceptance]
+        if len(rates) < k:
+            raise ValueError(f"{len(rates)} acceptance rates for k={k}")
+    if any(not 0.0 <= a <= 1.0 for a in rates):
+        raise ValueError(f"acceptance={acceptance} must be in [0, 1]")
+    sigma, run = 1.0, 1.0
+    for a in rates[:k]:
+        run *= a
+        sigma += run
+    return sigma
+
+
+def sd_speedup(cfg: ModelConfig, hw: Hardware, batch: int, k: int,
+               acceptance: float | Sequence[float], draft: ModelConfig | float | None = None,
+               context: int = 512, **kw) -> dict:
+    """Predicted SD speedup of a K-draft chain over plain decoding at batch B.
+
+    ``draft``: None (free, an oracle), a draft model's config (its T=1 step on the same
+    hardware, K times per iteration), or a number: the draft step as a fraction of the
+    target's T=1 step. Returns ``speedup``, ``sigma``, ``target_efficiency``, and the
+    step times in seconds.
+    """
+    if k < 1:
+        raise ValueError(f"k={k} must be >= 1")
+    t1 = step_time(cfg, hw, batch, 1, context=context, **kw)
+    tv = step_time(cfg, hw, batch, k + 1, context=context, **kw)
+    if draft is None:
+        td = 0.0
+    elif isinstance(draft, ModelConfig):
+        td = step_time(draft, hw, batch, 1, context=context)
+    else:
+        td = float(draft) * t1
+    sigma = expected_tokens(acceptance, k)
+    return {"speedup": sigma * t1 / (k * td + tv), "sigma": sigma,
+            "target_efficiency": t1 / tv, "t_step_s": t1, "t_verify_s": tv, "t_draft_s": td}
+
+
+DEFAULT_DRAFT_RATIO = 0.143  # Cohere: a draft step costs 14.3% of a target step
+
+
+def eagle_like_draft(cfg: ModelConfig) -> ModelConfig:
+    """An EAGLE-style one-layer dense drafter for ``cfg``: one decoder layer of the target's
+    width (MLP as wide as the target's active MLP) and the full-vocabulary head."""
+    width = (cfg.moe.top_k * cfg.moe.expert_dim + cfg.moe.shared_expert_dim
+             if cfg.moe else cfg.mlp_dim)
+    return dataclasses.replace(cfg, num_layers=1, moe=None, mlp_dim=width)
+
+
+def speedup_curve(cfg: ModelConfig, hw: Hardware, batches: Sequence[int], ks: Sequence[int],
+                  acceptance: float | Sequence[float] = 0.8,
+                  draft: str | float | ModelConfig | None = DEFAULT_DRAFT_RATIO,
+                  context: int = 512) -> list[dict]:
+    """SD speedup vs batch for each K, for ``cfg`` and its dense equivalent (same
+    drafter for both). ``draft``: a number (the draft step as a fraction of each target's
+    T = 1 step; default Cohere's measured 0.143), ``"eagle"`` (:func:`eagle_like_draft` of
+    the MoE config, costed on ``hw``), a draft ModelConfig, or None (free). One dict per
+    (batch, k)."""
+    dense = dense_equivalent(cfg)
+    d = eagle_like_draft(cfg) if draft == "eagle" else draft
+    rows = []
+    for b in batches:
+        for k in ks:
+            mo = sd_speedup(cfg, hw, b, k, acceptance, d, context)
+            de = sd_speedup(dense, hw, b, k, acceptance, d, context)
+            rows.append({"batch": int(b), "k": int(k), "moe_speedup": mo["speedup"],
+                         "dense_speedup": de["speedup"], "sigma": mo["sigma"],
+                         "moe_target_efficiency": mo["target_efficiency"],
+                         "dense_target_efficiency": de["target_efficiency"],
+                         "moe_step_ms": mo["t_step_s"] * 1e3,
+                         "moe_verify_ms": mo["t_verify_s"] * 1e3,
+                         "dense_step_ms": de["t_step_s"] * 1e3,
+                         "dense_verify_ms": de["t_verify_s"] * 1e3,
+                         "draft_ms": mo["t_draft_s"] * 1e3,
+                         "moe_unique_experts_verify": (expected_unique_experts(
+                             cfg.moe.num_experts, cfg.moe.top_k, b * (k + 1))
+                             if cfg.moe else 0.0),
+                         "hardware": hw.name})
+    return rows
