@@ -127,13 +127,17 @@ def _rate(dec, prompts, n1: int, n2: int, repeats: int, **kw) -> tuple[float, li
 def decode_sweep(models=("moe", "dense"), batches=BATCHES, ks=KS, acceptance: float = 0.8,
                  prompt_len: int = 16, n1: int = 8, n2: int = 40, repeats: int = 3,
                  seed: int = 0, configs: dict[str, ModelConfig] | None = None,
-                 progress=None) -> list[dict]:
+                 progress=None, hw=None) -> list[dict]:
     """Runs the sweep; returns one dict per (model, batch, k) point (see bench.py decode).
 
     K = 0 rows are AR (sd fields equal AR); SD rows must reproduce the AR tokens
     (``tokens_equal``). ``verify_over_step`` is a T=K+1 forward's time over a T=1
-    forward's at the same batch and context.
+    forward's at the same batch and context. With ``hw`` (a cost-model ``Hardware``,
+    e.g. ``cpu-measured``) each row also carries the cost model's predictions for the
+    same point (``predicted_*``: ``analysis/cost_model.py``, the one source of the
+    formulas), the oracle drafter costing nothing.
     """
+    from moesd_jax.analysis.cost_model import sd_speedup, step_cost
     from moesd_jax.spec.decoder import SpecDecoder
 
     configs = configs or bench_configs()
@@ -187,6 +191,16 @@ def decode_sweep(models=("moe", "dense"), batches=BATCHES, ks=KS, acceptance: fl
                             "mean_acceptance_length": float(np.mean(acc)),
                             "tokens_equal": [r.token_ids for r in sd_out]
                             == [r.token_ids for r in ar_out]}
+                if hw is not None:
+                    pred = step_cost(cfg, hw, b, 1, context=ctx)
+                    row |= {"predicted_step_ms": pred.time_s * 1e3}
+                    if k:
+                        sp = sd_speedup(cfg, hw, b, k, acceptance, None, ctx)
+                        row |= {"predicted_verify_over_step": 1.0 / sp["target_efficiency"],
+                                "predicted_sd_speedup": sp["speedup"]}
+                    else:
+                        row |= {"predicted_verify_over_step": 1.0,
+                                "predicted_sd_speedup": 1.0}
                 row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
                 rows.append(row)
                 if progress is not None:

@@ -178,7 +178,7 @@ def decode_cmd(args) -> int:
               f"{args.oracle_acceptance}")
         print(f"{'model':>5} {'B':>3} {'K':>2} {'AR tok/s':>9} {'SD tok/s':>9} {'speedup':>7} "
               f"{'acc len':>7} {'ver/step':>8} {'MB/step':>8} {'GB/s':>6} {'of read':>7} "
-              f"{'==AR':>5}", flush=True)
+              f"{'==AR':>5} {'pred spd':>8} {'pred v/s':>8}", flush=True)
 
     def show(r):
         if args.json:
@@ -189,10 +189,14 @@ def decode_cmd(args) -> int:
               f"{r['mean_acceptance_length']:>7.2f} {r['verify_over_step']:>8.2f} "
               f"{r['active_weight_bytes_per_step'] / 1e6:>8.0f} "
               f"{r['active_weight_gb_per_s']:>6.1f} {r['bandwidth_fraction']:>7.0%} "
-              f"{str(r['tokens_equal']):>5}", flush=True)
+              f"{str(r['tokens_equal']):>5} {r['predicted_sd_speedup']:>8.2f} "
+              f"{r['predicted_verify_over_step']:>8.2f}", flush=True)
 
+    from moesd_jax.analysis.cost_model import calibrate_cpu
+
+    hw = calibrate_cpu()  # the cost model's predictions for each point, same run
     rows = bd.decode_sweep(models, batches, ks, args.oracle_acceptance, repeats=args.repeats,
-                           configs=configs, progress=show)
+                           configs=configs, progress=show, hw=hw)
     paths = bd.write_outputs(rows, args.out_dir)
     if not args.json:
         print(f"# read bandwidth {rows[0]['read_bandwidth_gb_per_s']:.1f} GB/s (XLA sum; numpy "
@@ -226,11 +230,12 @@ def costmodel_cmd(args) -> int:
               f"top-{c.moe.top_k} F={c.moe.expert_dim} V={c.vocab_size} and the dense model "
               f"of equal active size, float32, context {args.context}; load average "
               f"{os.getloadavg()[0]:.1f}")
-        print(f"# cpu-measured: read {hw.mem_bandwidth / 1e9:.1f} GB/s, dot [rows,1024]x"
-              f"[1024,1024] GFLOP/s by rows "
-              + " ".join(f"{r}:{f / 1e9:.0f}" for r, f in hw.matmul_flops_by_rows)
-              + f", overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
-              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer")
+        cold = {r: t for nb, r, t in hw.dots_cold if nb == 4 << 20}
+        print(f"# cpu-measured: read {hw.mem_bandwidth / 1e9:.1f} GB/s; a [rows,1024]x"
+              f"[1024,1024] dot from memory, ms by rows: "
+              + " ".join(f"{r}:{t * 1e3:.2f}" for r, t in sorted(cold.items()))
+              + f"; overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
+              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer; cache {hw.cache_bytes >> 20} MB")
         print(f"{'model':>5} {'B':>3} {'T':>2} {'measured ms':>11} {'predicted':>9} "
               f"{'error':>6} {'traced':>8} {'error':>6} {'uniq':>5} {'indep':>5} "
               f"{'expert%':>7}", flush=True)

@@ -1,5 +1,7 @@
 """The benchmark harness runs and reports consistent fields (timings are not asserted)."""
 
+import pytest
+
 from moesd_jax import benchmarks
 from tests.helpers import build, moe_cfg, perturbed_copy
 
@@ -30,8 +32,10 @@ def test_decode_sweep_tiny_shape(tmp_path):
     from moesd_jax import bench_decode as bd
 
     cfgs = bd.bench_configs(d_model=32, layers=2, experts=8, top_k=2, expert_dim=32, vocab=128)
+    from moesd_jax.analysis.cost_model import preset
+
     rows = bd.decode_sweep(["moe"], [2], [0, 3], acceptance=1.0, n1=2, n2=6,
-                           repeats=1, configs=cfgs)
+                           repeats=1, configs=cfgs, hw=preset("h100"))
     assert [(r["model"], r["k"]) for r in rows] == [("moe", 0), ("moe", 3)]
     assert all(r["tokens_equal"] for r in rows)
     assert rows[1]["mean_acceptance_length"] > 3.0  # acceptance 1: K+1 per step
@@ -40,12 +44,10 @@ def test_decode_sweep_tiny_shape(tmp_path):
     unread = rows[0]["total_weight_bytes"] - rows[0]["active_weight_bytes_per_step"]
     assert (unread - emb_bytes) % e_bytes == 0 and unread - emb_bytes > 0
     assert 1 <= rows[1]["unique_experts_verify"] <= 8
+    # the cost model's prediction for the same point (acceptance 1: sigma = K + 1)
+    assert rows[0]["predicted_sd_speedup"] == 1.0
+    assert rows[1]["predicted_verify_over_step"] >= 1.0
+    assert rows[1]["predicted_sd_speedup"] == pytest.approx(
+        4.0 / rows[1]["predicted_verify_over_step"])
     paths = bd.write_outputs(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
-
-
-def test_expected_unique_experts_formula():
-    from moesd_jax.bench_decode import expected_unique_experts
-
-    assert abs(expected_unique_experts(64, 8, 4) - 26.48) < 0.01  # OLMoE (64, 8), T=4: 26.5
-    assert expected_unique_experts(32, 4, 1) == 4.0

@@ -70,21 +70,31 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "
 
 
 # -- hardware -----------------------------------------------------------------------------
+Dot = tuple[int, int, float]  # (weight bytes, rows, seconds) of one measured dot
+
+
 @dataclasses.dataclass(frozen=True)
 class Hardware:
     """One chip as the cost model sees it.
 
+    Accelerator presets are rooflines: a part takes ``max(bytes / mem_bandwidth, FLOPs /
+    peak_flops)``. A measured CPU preset carries dot tables instead: the measured time of
+    a ``[rows, K] x [K, N]`` float32 dot by weight size and row count, with its weights
+    coming from memory (``dots_cold``) or already in the last-level cache (``dots_hot``,
+    an expert's second and later row chunks); other sizes are interpolated (log-log).
+    On this kind of CPU memory traffic and arithmetic hardly overlap at these shapes, so
+    a measured table predicts a dot far better than ``max`` of two peaks.
+
     Attributes:
       name: preset id (``h100``, ``tpu-v5e``, ``cpu-measured``, ...).
-      peak_flops: matmul throughput, FLOP/s, when no per-row-count table applies.
-      mem_bandwidth: read bandwidth, bytes/s.
+      peak_flops: matmul peak, FLOP/s. mem_bandwidth: read bandwidth, bytes/s.
       step_overhead_s, layer_overhead_s: fixed time per forward and per layer.
-      matmul_flops_by_rows: measured ``(rows, FLOP/s)`` of a ``[rows, D] x [D, F]`` dot;
-        throughput at other row counts is interpolated (log-log); empty = ``peak_flops``.
+      dots_cold, dots_hot: measured dot tables (empty: roofline).
+      cache_bytes: last-level cache size (an expert smaller than this is read from memory
+        once per step even when the engine runs it in several row chunks).
       expert_row_chunks: the engine computes experts in row chunks
-        (``models.moe.row_chunk``; CPU ``gather``), each chunk reading the expert's weights.
-      hbm_bytes: memory of one chip (informational).
-      source: where the figures come from.
+        (``models.moe.row_chunk``; CPU ``gather``), each chunk one dot per weight matrix.
+      hbm_bytes: memory of one chip (informational). source: where figures come from.
     """
 
     name: str
@@ -92,32 +102,54 @@ class Hardware:
     mem_bandwidth: float
     step_overhead_s: float = 0.0
     layer_overhead_s: float = 0.0
-    matmul_flops_by_rows: tuple[tuple[int, float], ...] = ()
+    dots_cold: tuple[Dot, ...] = ()
+    dots_hot: tuple[Dot, ...] = ()
+    cache_bytes: int = 0
     expert_row_chunks: bool = False
     hbm_bytes: int = 0
     source: str = ""
 
-    def flops_at(self, rows: float) -> float:
-        """Matmul throughput (FLOP/s) for a dot with ``rows`` rows."""
-        tab = self.matmul_flops_by_rows
+    def dot_time(self, k: int, n: int, rows: float, weight_bytes: int, hot: bool = False) -> float:
+        """Seconds for a ``[rows, k] x [k, n]`` dot with ``weight_bytes`` bytes per weight."""
+        nbytes = k * n * weight_bytes
+        flops = 2.0 * rows * k * n
+        tab = self.dots_hot if hot and self.dots_hot else self.dots_cold
         if not tab:
-            return self.peak_flops
-        r = np.log(max(rows, 1e-9))
-        xs = np.log([t[0] for t in tab])
-        ys = np.log([t[1] for t in tab])
-        return float(np.exp(np.interp(r, xs, ys)))
+            return max(nbytes / self.mem_bandwidth, flops / self.peak_flops)
+        return nbytes * _interp_per_byte(tab, nbytes, rows)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d["matmul_flops_by_rows"] = [list(x) for x in self.matmul_flops_by_rows]
+        for f in ("dots_cold", "dots_hot"):
+            d[f] = [list(x) for x in getattr(self, f)]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> Hardware:
         d = dict(d)
-        d["matmul_flops_by_rows"] = tuple((int(r), float(f))
-                                          for r, f in d.get("matmul_flops_by_rows", ()))
+        for f in ("dots_cold", "dots_hot"):
+            d[f] = tuple((int(b), int(r), float(t)) for b, r, t in d.get(f, ()))
         return cls(**d)
+
+
+def _interp_per_byte(tab: Sequence[Dot], nbytes: float, rows: float) -> float:
+    """Seconds per weight byte at (nbytes, rows): log-log interpolation over rows for each
+    measured weight size, then over weight size (clamped at the ends)."""
+    sizes = sorted({b for b, _, _ in tab})
+    per_size = []
+    for size in sizes:
+        pts = sorted((r, t / size) for b, r, t in tab if b == size)
+        xs = np.log([p[0] for p in pts])
+        ys = np.log([p[1] for p in pts])
+        lr = np.log(max(rows, 1e-9))
+        if lr > xs[-1] and len(xs) > 1:  # beyond the table: time grows with rows
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            per_size.append(ys[-1] + slope * (lr - xs[-1]))
+        else:
+            per_size.append(float(np.interp(lr, xs, ys)))
+    if len(sizes) == 1:
+        return float(np.exp(per_size[0]))
+    return float(np.exp(np.interp(np.log(nbytes), np.log(sizes), per_size)))
 
 
 def preset_names() -> list[str]:
@@ -177,49 +209,74 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict[str, float
     return out
 
 
-def matmul_throughput(rows: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                      d: int = 1024, f: int = 1024, dtype: str = "float32",
-                      repeats: int = 5) -> list[tuple[int, float]]:
-    """Measured FLOP/s of jitted ``[rows, d] x [d, f]`` float32 dots (a fresh weight per
-    call so that it is read from memory, as in a decode step)."""
+DOT_SHAPES = ((1024, 1024), (1024, 4096), (1024, 32768))  # 4, 16, 128 MB in float32
+DOT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+
+
+def measure_dots(shapes: Sequence[tuple[int, int]] = DOT_SHAPES,
+                 rows: Sequence[int] = DOT_ROWS, hot: bool = False, repeats: int = 3,
+                 pool_bytes: int = 256 << 20) -> list[Dot]:
+    """Measured ``(weight bytes, rows, seconds)`` of float32 ``[rows, K] x [K, N]`` dots.
+
+    One jitted call runs a chain of dependent dots (as a forward does: no concurrency
+    between them, no per-call dispatch cost in the figure), each on its own weight buffer
+    (``hot=False``: > ``pool_bytes`` of weights, so every dot reads from memory) or all on
+    one buffer (``hot=True``: the weights stay in cache).
+    """
     import jax
     import jax.numpy as jnp
 
-    if d != f:
-        raise ValueError(f"d={d} != f={f}: the dots are chained, so they must be square")
-    n_w = max(2, (256 << 20) // (d * f * 4))  # > any cache: weights come from memory
-    ws = tuple(jnp.asarray(np.random.default_rng(i).standard_normal((d, f)), dtype)
-               for i in range(n_w))
-    # one call runs n_w dependent dots (as a forward does), each on its own weight
-    # buffer: no per-call dispatch cost, no concurrency between independent dots
-    def chain(x, ws):
-        for w in ws:
-            x = jnp.tanh(x @ w)
-        return x
-
-    dots = jax.jit(chain)
     out = []
-    for r in rows:
-        x = jnp.ones((r, d), dtype)
-        t = _median_time(lambda x=x: jax.block_until_ready(dots(x, ws)), repeats) / n_w
-        out.append((int(r), 2.0 * r * d * f / t))
+    for k, n in shapes:
+        nb = k * n * 4
+        n_w = 8 if hot else max(2, -(-pool_bytes // nb))
+        w0 = [jnp.asarray(np.random.default_rng(i).standard_normal((k, n)) / np.sqrt(k),
+                          jnp.float32) for i in range(1 if hot else n_w)]
+        ws = tuple(w0[i % len(w0)] for i in range(n_w))
+
+        def chain(x, ws):
+            for w in ws:  # the next dot depends on this one through a cheap reduction
+                x = x + 1e-6 * jnp.sum(x @ w)
+            return x
+
+        fn = jax.jit(chain)
+        for r in rows:
+            x = jnp.ones((r, k), jnp.float32)
+            t = _median_time(lambda x=x, fn=fn, ws=ws: jax.block_until_ready(fn(x, ws)),
+                             repeats) / n_w
+            out.append((nb, int(r), t))
     return out
 
 
-def calibrate_cpu(repeats: int = 5) -> Hardware:
-    """``cpu-measured``: this machine's read bandwidth, matmul throughput per row count,
-    and the fixed overheads of a forward (per step and per layer, from tiny models whose
-    time is all overhead)."""
+def calibrate_cpu(repeats: int = 3) -> Hardware:
+    """``cpu-measured``: this machine's read bandwidth, dot tables (weights from memory
+    and from cache), last-level cache size, and the fixed overheads of a forward (per
+    step and per layer, from tiny models whose time is all overhead). About a minute."""
     import jax
 
     bw = read_bandwidth()["peak"]
-    tab = matmul_throughput(repeats=repeats)
+    cold = measure_dots(repeats=repeats)
+    hot = measure_dots(shapes=DOT_SHAPES[:1], hot=True, repeats=repeats)
+    peak = max(2.0 * r * nb / 4 / t for nb, r, t in cold + hot)
     step_oh, layer_oh = _measure_overheads(repeats)
-    return Hardware(name="cpu-measured", peak_flops=max(f for _, f in tab), mem_bandwidth=bw,
-                    step_overhead_s=step_oh, layer_overhead_s=layer_oh,
-                    matmul_flops_by_rows=tuple(tab), expert_row_chunks=True,
+    return Hardware(name="cpu-measured", peak_flops=peak, mem_bandwidth=bw,
+                    step_overhead_s=step_oh, layer_overhead_s=layer_oh, dots_cold=tuple(cold),
+                    dots_hot=tuple(hot), cache_bytes=_llc_bytes(), expert_row_chunks=True,
                     source=f"calibrate_cpu() on {os.uname().nodename}, {os.cpu_count()} CPUs, "
                            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def _llc_bytes() -> int:
+    """The largest CPU cache (sysfs), or 0 if unknown."""
+    best = 0
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        txt = p.read_text().strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        try:
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best
 
 
 def _tiny(layers: int) -> ModelConfig:
@@ -319,16 +376,29 @@ def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, moe=None, mlp_dim=width)
 
 
-def _roof(hw: Hardware, nbytes: float, flops: float, rows: float) -> Part:
-    return Part(nbytes, flops, max(nbytes / hw.mem_bandwidth,
-                                   flops / hw.flops_at(rows) if flops else 0.0))
+def _roof(hw: Hardware, nbytes: float, flops: float) -> Part:
+    return Part(nbytes, flops, max(nbytes / hw.mem_bandwidth, flops / hw.peak_flops))
+
+
+def _dots(hw: Hardware, shapes: Sequence[tuple[int, int]], rows: float, wb: int,
+          count: float = 1.0, hot: bool = False) -> Part:
+    """``count`` times one dot with each weight shape in ``shapes`` over ``rows`` rows."""
+    nbytes = sum(k * n for k, n in shapes) * wb * count
+    flops = sum(2.0 * rows * k * n for k, n in shapes) * count
+    t = sum(hw.dot_time(k, n, rows, wb, hot) for k, n in shapes) * count
+    return Part(nbytes, flops, t)
+
+
+def _add(*parts: Part) -> Part:
+    return Part(sum(p.bytes for p in parts), sum(p.flops for p in parts),
+                sum(p.time_s for p in parts))
 
 
 def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
               context: int = 512, unique_experts: float | Sequence[float] | None = None,
               weight_dtype: str | None = None) -> StepCost:
-    """Roofline cost of one forward of ``batch`` rows x ``tokens`` tokens after
-    ``context`` cached tokens per row.
+    """Cost of one forward of ``batch`` rows x ``tokens`` tokens after ``context`` cached
+    tokens per row (see the module docstring for the parts).
 
     Args:
       unique_experts: distinct experts per MoE layer (a number, or one per layer, e.g.
@@ -349,20 +419,18 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
     n_dense = layers - n_moe
     parts: dict[str, Part] = {}
 
-    attn_params = d * h * dh * 2 + d * g * dh * 2
-    parts["attention"] = _roof(hw, layers * attn_params * wb, 2 * m_rows * layers * attn_params,
-                               m_rows)
+    parts["attention"] = _dots(hw, [(d, h * dh), (d, g * dh), (d, g * dh), (h * dh, d)],
+                               m_rows, wb, layers)
     kv_entries = batch * (context + tokens)
     parts["attn_core"] = _roof(hw, layers * kv_entries * 2 * g * dh * kvb,
-                               layers * 4 * m_rows * h * dh * (context + tokens), tokens)
+                               layers * 4 * m_rows * h * dh * (context + tokens))
+    mlp = lambda f: [(d, f), (d, f), (f, d)]  # noqa: E731  SwiGLU: gate, up, down
     if n_dense:
-        p = 3 * d * cfg.mlp_dim
-        parts["dense_mlp"] = _roof(hw, n_dense * p * wb, 2 * m_rows * n_dense * p, m_rows)
+        parts["dense_mlp"] = _dots(hw, mlp(cfg.mlp_dim), m_rows, wb, n_dense)
     u = 0.0
     if n_moe:
         m = cfg.moe
-        parts["router"] = _roof(hw, n_moe * d * m.num_experts * wb,
-                                2 * m_rows * n_moe * d * m.num_experts, m_rows)
+        parts["router"] = _dots(hw, [(d, m.num_experts)], m_rows, wb, n_moe)
         pe = 3 * d * m.expert_dim
         if unique_experts is None:
             u_layers = [expected_unique_experts(m.num_experts, m.top_k, m_rows)] * n_moe
@@ -379,20 +447,21 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
             from moesd_jax.models.moe import row_chunk
 
             c = row_chunk(m_rows, m.top_k, m.num_experts)
-            t_chunk = _roof(hw, pe * wb, 2 * c * pe, c).time_s
             if unique_experts is None:
                 chunks = n_moe * expected_chunks(m.num_experts, m.top_k, m_rows, c)
             else:  # measured U: each active expert one chunk, the other rows c per chunk
                 chunks = sum(ul + max(routed_rows - ul, 0.0) / c for ul in u_layers)
-            parts["experts"] = Part(chunks * pe * wb, chunks * 2 * c * pe, chunks * t_chunk)
-        else:
-            parts["experts"] = _roof(hw, sum(u_layers) * pe * wb,
-                                     2 * routed_rows * n_moe * pe, routed_rows / max(u, 1.0))
+            first = sum(u_layers)  # each expert's first chunk reads it from memory
+            later_hot = pe * wb <= hw.cache_bytes
+            parts["experts"] = _add(
+                _dots(hw, mlp(m.expert_dim), c, wb, first),
+                _dots(hw, mlp(m.expert_dim), c, wb, chunks - first, hot=later_hot))
+        else:  # one grouped matmul per layer: unique experts' bytes, routed rows' FLOPs
+            parts["experts"] = _roof(hw, sum(u_layers) * pe * wb, 2 * routed_rows * n_moe * pe)
         if m.shared_expert_dim:
-            ps = 3 * d * m.shared_expert_dim + (d if m.shared_expert_gate else 0)
-            parts["shared"] = _roof(hw, n_moe * ps * wb, 2 * m_rows * n_moe * ps, m_rows)
-    parts["lm_head"] = _roof(hw, d * cfg.vocab_size * wb, 2 * m_rows * d * cfg.vocab_size,
-                             m_rows)
+            sh = mlp(m.shared_expert_dim) + ([(d, 1)] if m.shared_expert_gate else [])
+            parts["shared"] = _dots(hw, sh, m_rows, wb, n_moe)
+    parts["lm_head"] = _dots(hw, [(d, cfg.vocab_size)], m_rows, wb)
     overhead = hw.step_overhead_s + layers * hw.layer_overhead_s
     return StepCost(parts, overhead, u)
 
