@@ -172,7 +172,8 @@ def test_loop_records_the_routing_it_ran():
     target = build(cfg)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     ar = SpecDecoder(target, spec=SpecConfig(method="none"), max_len=64)
-    traces, outs = routing.record_traces(ar, prompts, 6)
+    traces, res = routing.record_traces(ar, prompts, 6)
+    outs = [r.token_ids for r in res]
     from flax import nnx
 
     g, s = nnx.split(target)
@@ -186,11 +187,10 @@ def test_loop_records_the_routing_it_ran():
                                       np.sort(ref[len(p): len(p) + len(tr)], -1))
     sd = SpecDecoder(target, perturbed_copy(target, 0.3), SpecConfig(method="draft", k=3),
                      max_len=64)
-    sd_traces, sd_outs = routing.record_traces(sd, prompts, 6)
-    assert sd_outs == outs  # greedy SD == AR, with the trace buffer in the carry
-    for tr, out in zip(sd_traces, sd_outs):
-        # one [K+1, L, k] entry per verify step: between len/(K+1) and len - 1 steps
-        assert tr.shape[1:] == (4, 2, 2) and -(-(len(out) - 1) // 4) <= len(tr) < len(out)
+    sd_traces, sd_res = routing.record_traces(sd, prompts, 6)
+    assert [r.token_ids for r in sd_res] == outs  # greedy SD == AR with the trace recorded
+    for tr, r in zip(sd_traces, sd_res):  # one [K+1, L, k] entry per verify step
+        assert tr.shape == (r.stats["iterations"], 4, 2, 2)
         assert (tr < cfg.moe.num_experts).all()  # every recorded step routed all tokens
 
 

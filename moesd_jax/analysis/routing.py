@@ -218,12 +218,15 @@ def amdahl(cfg, hw, batch: int, tokens: int, unique_experts: float | None = None
 
 # -- recording and files ----------------------------------------------------------------------
 def record_traces(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  **kwargs) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Runs ``decoder`` (a ``SpecDecoder``) on ``prompts`` with routing recorded; returns
-    (per request ``[S, T, L, K]`` traces, per request generated token ids)."""
+                  **kwargs) -> tuple[list[np.ndarray], list]:
+    """Runs ``decoder`` (a ``SpecDecoder``) on ``prompts`` with routing recorded (keyword
+    arguments as ``SpecDecoder.generate``); returns (per request ``[S, T, L, K]`` traces,
+    per request ``GenerationResult``)."""
     import dataclasses as dc
 
     import jax
+
+    from moesd_jax.spec.decoder import GenerationResult, row_stats
 
     prepared = decoder.prepare(prompts, max_new_tokens, **kwargs)
     cfg = decoder.loop_config([len(p) for p in prompts], [max_new_tokens] * len(prompts))
@@ -236,8 +239,10 @@ def record_traces(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int
     tokens = np.asarray(state.tokens_BM)
     seq = np.asarray(state.seq_len_B)
     traces = [trace[: iters[i], i] for i in range(len(prompts))]
-    out = [tokens[i, len(p): seq[i]].tolist() for i, p in enumerate(prompts)]
-    return traces, out
+    results = [GenerationResult(tokens[i, len(p): seq[i]].tolist(),
+                                row_stats(state, i, cfg.accept_positions))
+               for i, p in enumerate(prompts)]
+    return traces, results
 
 
 def save_traces(path: str | Path, traces: Sequence[np.ndarray], num_experts: int,

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dispatch", default=None, help="MoE dispatch backend override")
     ap.add_argument("--mesh", default=None, help="sharding strategy (configs/mesh)")
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    ap.add_argument("--routing-trace", default=None, metavar="FILE.npz",
+                    help="also record each prompt's routing per verify step ([steps, tokens, "
+                    "layers, top_k] expert ids; analysis/routing.py) into this file, for "
+                    "scripts/analyze_routing.py --traces")
     args = ap.parse_args(argv)
 
     from moesd_jax.config import ConfigError
@@ -67,8 +71,18 @@ def main(argv=None) -> int:
                                  "use --prompt-ids")
             prompts = [tok.encode(p) for p in args.prompt] + prompts
         dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=args.max_len, mesh=args.mesh)
-        results = dec.generate(prompts, args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed)
+        if args.routing_trace:
+            from moesd_jax.analysis import routing
+
+            if args.mesh:
+                raise ValueError("--routing-trace runs on one device; drop --mesh")
+            traces, results = routing.record_traces(dec, prompts, args.max_new_tokens, **kw)
+            m = lm.target.cfg.moe
+            routing.save_traces(args.routing_trace, traces, m.num_experts, m.top_k)
+        else:
+            results = dec.generate(prompts, args.max_new_tokens, **kw)
     except (ValueError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,9 +39,16 @@ def test_generate_json_on_hf_dir_and_converted(hf_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     subprocess.run([sys.executable, str(ROOT / "scripts/convert_hf.py"), "--hf-dir",
                     str(hf_dir), "--out", str(ckpt)], check=True, capture_output=True)
-    rc, out, err = _run(["--model", str(ckpt), "--spec", "ngram", "--k", "3", *args], capsys)
+    trace = tmp_path / "trace.npz"  # the same run, its routing recorded
+    rc, out, err = _run(["--model", str(ckpt), "--spec", "ngram", "--k", "3", *args,
+                         "--routing-trace", str(trace)], capsys)
     assert rc == 0, err
     conv = [json.loads(line) for line in out.splitlines()]
+    from moesd_jax.analysis.routing import load_traces
+
+    traces, n_exp, top_k = load_traces(trace)
+    assert [t.shape[:2] for t in traces] == [(r["stats"]["iterations"], 4) for r in conv]
+    assert all(((t >= 0) & (t < n_exp)).all() for t in traces) and top_k == traces[0].shape[3]
     # greedy: speculation and conversion change nothing
     assert [r["token_ids"] for r in conv] == [r["token_ids"] for r in direct]
     assert conv[0]["stats"]["drafted"] == 3 * conv[0]["stats"]["iterations"]
