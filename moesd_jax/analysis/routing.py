@@ -139,6 +139,7 @@ class RoutingReport:
     reduction: float  # 1 - unique / baseline, pooled over requests
     reduction_ci: tuple[float, float, float]  # mean over requests, 95% CI
     reduction_global: float  # 1 - unique / baseline_global
+    reduction_global_ci: tuple[float, float, float]
     overlap: float  # step-to-step expert overlap
     unique_per_layer: list[float]
     baseline_per_layer: list[float]
@@ -165,14 +166,20 @@ def analyze(traces: Sequence[np.ndarray], num_experts: int, top_k: int, seed: in
         per_req.append(1.0 - u.mean() / b.mean())
         overl.append(step_overlap(tr, num_experts))
     u_all, b_all = np.concatenate(uniq), np.concatenate(base)
-    g_all = np.concatenate([unique_per_step(t, num_experts) for _ in range(shuffles)
-                            for t in shuffled_global(traces, rng)])
+    g_req = [[] for _ in traces]  # per request: its rows after corpus-wide shuffles
+    for _ in range(shuffles):
+        for i, t in enumerate(shuffled_global(traces, rng)):
+            g_req[i].append(unique_per_step(t, num_experts))
+    g_req = [np.concatenate(g) for g in g_req]
+    g_all = np.concatenate(g_req)
+    per_req_g = [1.0 - u.mean() / g.mean() for u, g in zip(uniq, g_req)]
     t_mean = float(np.mean([tr.shape[1] for tr in traces for _ in range(tr.shape[0])]))
     return RoutingReport(
         num_experts=num_experts, top_k=top_k, requests=len(traces), steps=len(u_all),
         tokens_per_step=t_mean, unique=float(u_all.mean()), baseline=float(b_all.mean()),
         baseline_global=float(g_all.mean()),
         reduction_global=float(1.0 - u_all.mean() / g_all.mean()),
+        reduction_global_ci=_ci(per_req_g),
         formula=expected_unique_experts(num_experts, top_k, t_mean),
         reduction=float(1.0 - u_all.mean() / b_all.mean()), reduction_ci=_ci(per_req),
         overlap=float(np.nanmean(overl)) if np.isfinite(overl).any() else float("nan"),
@@ -195,6 +202,7 @@ def unique_vs_tokens(token_traces: Sequence[np.ndarray], num_experts: int, top_k
         rows.append({"tokens": int(t), "unique": rep.unique, "baseline": rep.baseline,
                      "baseline_global": rep.baseline_global, "formula": rep.formula,
                      "reduction": rep.reduction, "reduction_global": rep.reduction_global,
+                     "reduction_global_ci": list(rep.reduction_global_ci),
                      "reduction_ci": list(rep.reduction_ci), "requests": rep.requests})
     return rows
 
