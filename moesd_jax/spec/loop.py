@@ -145,6 +145,10 @@ class DecodeState:
     # tokens to (E = no expert: inactive rows, dropped by a budget); None unless
     # LoopConfig.trace_steps > 0. Row b's valid steps: stats.iterations_B[b].
     routing_trace: object = None
+    # int32 [B]: each row's draft limit (nodes deeper than it are masked: never accepted,
+    # not dispatched to experts, not counted as drafted; 0 = plain decoding for the row)
+    # within the program's static K / tree; None = no limit.
+    draft_k_B: object = None
 
 
 def _num_moe_layers(graphdef, state) -> int:
@@ -156,7 +160,7 @@ def _num_moe_layers(graphdef, state) -> int:
 
 def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
             temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
-            ref_tokens_BM=None) -> DecodeState:
+            ref_tokens_BM=None, draft_k_B=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
 
     Args:
@@ -170,6 +174,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
       stop_ids_BP: int32 [B, max_stop] stop tokens per row, -1 padded.
       ref_tokens_BM: ``oracle`` only: int32 [B, M] reference rows in buffer layout (prompt
         then the target's greedy continuation), M <= max_len.
+      draft_k_B: optional int32 [B] per-row draft limit (``DecodeState.draft_k_B``).
     """
     b, p = prompts_BT.shape
     n = cfg.max_len
@@ -211,7 +216,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, pstate, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
                        top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats,
-                       trace)
+                       trace, None if draft_k_B is None else draft_k_B.astype(jnp.int32))
 
 
 def _is_stop(tok, stop_ids_BP):
@@ -292,11 +297,16 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
             prop = proposer.propose(cfg, tree, draft, s, active)
         node_tok, key_B, pstate, fed = prop.tokens_BT, prop.key_B, prop.state, prop.fed
     t = n + 1
+    node_ok = None  # [B, T]: nodes within each row's draft limit
+    if tree is not None and s.draft_k_B is not None:
+        node_ok = depths[None, :] <= s.draft_k_B[:, None]  # the proposer still drafts all
 
     with jax.named_scope("verify"):
         tg, ts = target
         pos_BT = pos0[:, None] + depths[None, :]
         valid_BT = jnp.broadcast_to(active[:, None], (b, t))
+        if node_ok is not None:  # masked nodes dispatch to no expert
+            valid_BT = valid_BT & node_ok
         tcache = s.target_cache.replace(lengths=pos0)
         root_BT = jnp.broadcast_to(jnp.arange(t)[None, :] == 0, (b, t))
         hl = None if tree is None else proposer.hidden_layers(draft)
@@ -313,7 +323,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
             n_acc, nxt = rejection_sample_chain(use, node_tok[:, 1:], p[:, :0], p)
         else:
             path_BJ, n_acc, nxt = rejection_sample_tree(tree, use, node_tok, prop.q_BTV, p,
-                                                        s.temperature_B <= 0.0)
+                                                        s.temperature_B <= 0.0, node_ok)
         n_new = n_acc + 1
         if cfg.budget_prune and routing is not None and tree is not None:
             n_acc, n_new = _budget_cut(cfg, routing, path_BJ, n_acc)
@@ -342,7 +352,9 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         onehot = jax.nn.one_hot(routing.astype(jnp.int32), cfg.num_experts, dtype=jnp.int32)
         present_LE = jnp.einsum("BTLKE->LE", onehot) > 0  # dropped ids (== E) are all-zero
         uniq = uniq + jnp.sum(present_LE, axis=1).astype(jnp.int32)
-    stats = Stats(st.iterations_B + act, st.drafted_B + n * act, st.accepted_B + n_acc * act,
+    drafted = n if node_ok is None else jnp.sum(node_ok[:, 1:], axis=1).astype(jnp.int32)
+    stats = Stats(st.iterations_B + act, st.drafted_B + drafted * act,
+                  st.accepted_B + n_acc * act,
                   st.accepted_pos_BK + acc_pos, uniq,
                   st.verify_steps + jnp.any(active).astype(jnp.int32),
                   st.draft_fed_B + fed * act)

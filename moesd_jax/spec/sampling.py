@@ -137,7 +137,7 @@ def _sibling_rejected(p_BV, q_BV, tok_B):
     return residual(p_BV, q_BV), jnp.where(z > 0, q_wo / jnp.maximum(z, 1e-30), 0.0)
 
 
-def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
+def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B, node_ok_BT=None):
     """Lossless acceptance over a static token tree (a chain is the tree of width 1).
 
     Greedy rows: the longest root-to-node path whose every token equals the target's
@@ -165,6 +165,11 @@ def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
       q_BTV: draft distributions at the nodes, or None (deterministic proposer).
       p_BTV: target distributions at the nodes (after temperature / top-k / top-p).
       greedy_B: rows accepting by argmax match.
+      node_ok_BT: optional bool [B, N+1]: nodes a row may accept (a per-row draft limit,
+        e.g. depth <= K_b). A masked node is never tried, so a node whose children are all
+        masked acts as a leaf: its next token is drawn from the target there, exactly as
+        at a leaf; the rule stays lossless. Must be closed under descent (a masked
+        node's descendants masked too).
 
     Returns:
       (path_BJ int32 [B, D+1] accepted node indices, root first, padded with the last
@@ -188,6 +193,8 @@ def rejection_sample_tree(tree, key_B, node_tok_BT, q_BTV, p_BTV, greedy_B):
         qc = jnp.ones((b,), p_cur.dtype) if point else q_cur[rows, tok]
         pc = p_cur[rows, tok]
         live = (i < nch[cur]) & (acc < 0) & ~stopped
+        if node_ok_BT is not None:
+            live = live & node_ok_BT[rows, child]
         ok = live & jnp.where(greedy_B, tok == amax, (qc > 0) & (u_BT[rows, child] * qc < pc))
         rej = live & ~ok & ~greedy_B & (qc > 0)
 
