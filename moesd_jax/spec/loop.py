@@ -40,6 +40,7 @@ from moesd_jax.kv_cache import KVCache, compact
 from moesd_jax.models.transformer import apply
 from moesd_jax.spec import proposers
 from moesd_jax.spec import tree as spec_tree
+from moesd_jax.spec import utility as spec_utility
 from moesd_jax.spec.sampling import (
     filter_probs,
     rejection_sample_chain,
@@ -73,6 +74,9 @@ class LoopConfig:
         experts), passed to every model call; part of the program's identity.
       trace_steps: > 0 records each row's routing for its first ``trace_steps`` verify
         steps in ``DecodeState.routing_trace`` (``analysis/routing.py``); 0 = none.
+      utility: utility-driven K (``spec/utility.py``): per-row K among its candidates,
+        plain decoding where speculation loses; ``k`` is then the largest candidate.
+        None = a static K.
     """
 
     method: str
@@ -88,6 +92,7 @@ class LoopConfig:
     oracle_acceptance: float = 0.0
     plan: object = None  # sharding.ShardingPlan (compared by identity) or None
     trace_steps: int = 0
+    utility: spec_utility.UtilityConfig | None = None
 
     @property
     def token_tree(self) -> spec_tree.TokenTree | None:
@@ -149,6 +154,7 @@ class DecodeState:
     # not dispatched to experts, not counted as drafted; 0 = plain decoding for the row)
     # within the program's static K / tree; None = no limit.
     draft_k_B: object = None
+    controller: object = None  # spec_utility.Controller with LoopConfig.utility
 
 
 def _num_moe_layers(graphdef, state) -> int:
@@ -160,7 +166,7 @@ def _num_moe_layers(graphdef, state) -> int:
 
 def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
             temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
-            ref_tokens_BM=None, draft_k_B=None) -> DecodeState:
+            ref_tokens_BM=None, draft_k_B=None, utility_cost_K=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
 
     Args:
@@ -175,6 +181,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
       ref_tokens_BM: ``oracle`` only: int32 [B, M] reference rows in buffer layout (prompt
         then the target's greedy continuation), M <= max_len.
       draft_k_B: optional int32 [B] per-row draft limit (``DecodeState.draft_k_B``).
+      utility_cost_K: float32 [K_max + 1] iteration costs for ``cfg.utility``
+        (``spec_utility.iteration_costs``).
     """
     b, p = prompts_BT.shape
     n = cfg.max_len
@@ -216,7 +224,11 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     return DecodeState(tokens, seq_len, prompt_len_B, max_total, done, tcache, pstate, key_B,
                        temperature_B.astype(jnp.float32), top_k_B.astype(jnp.int32),
                        top_p_B.astype(jnp.float32), stop_ids_BP.astype(jnp.int32), stats,
-                       trace, None if draft_k_B is None else draft_k_B.astype(jnp.int32))
+                       trace,
+                       jnp.full((b,), cfg.k, jnp.int32) if draft_k_B is None and cfg.utility
+                       else None if draft_k_B is None else draft_k_B.astype(jnp.int32),
+                       None if cfg.utility is None else
+                       spec_utility.init(cfg.utility, b, utility_cost_K, seq_len))
 
 
 def _is_stop(tok, stop_ids_BP):
@@ -276,8 +288,46 @@ def _budget_cut(cfg: LoopConfig, routing, path_BJ, n_acc):
 def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     """One draft -> verify -> accept -> commit iteration for every active row.
 
-    ``draft`` is the proposer's model (``nnx.split`` pieces) or None.
+    ``draft`` is the proposer's model (``nnx.split`` pieces) or None. With
+    ``cfg.utility`` the iteration runs the chain of the largest K an active row needs
+    (a ``lax.switch`` over the candidates, K = 0 = plain decoding), smaller Ks masked per
+    row, and the controller then updates (``spec/utility.py``).
     """
+    if cfg.utility is None:
+        return _step(cfg, target, draft, s)
+    u = cfg.utility
+    ctrl = s.controller
+    active = ~s.done_B
+    k_B = spec_utility.draft_limits(u, ctrl)
+    need = jnp.max(jnp.where(active, k_B, 0))
+    ks = jnp.asarray(u.branch_ks)
+    branch = jnp.sum(ks < need).astype(jnp.int32)  # the smallest branch K >= need
+    s = s.replace(draft_k_B=k_B)
+    proposer = proposers.get(cfg.method)
+
+    def run(k):
+        if k == 0:
+            bcfg = dataclasses.replace(cfg, method="none", k=0, utility=None)
+            return lambda s: _step(bcfg, target, draft, s)
+        bcfg = dataclasses.replace(cfg, k=k, utility=None)
+
+        def sd(s):  # bring the draft state up to date over tokens decoded plainly
+            lag = jnp.any(active & (s.seq_len_B > s.controller.sync_B))
+            ps = jax.lax.cond(lag, lambda ps: proposer.catch_up(
+                cfg, draft, ps, s, s.controller.sync_B, u.set_iters + 2), lambda ps: ps,
+                s.proposer_state)
+            return _step(bcfg, target, draft, s.replace(proposer_state=ps))
+        return sd
+
+    out = jax.lax.switch(branch, [run(k) for k in u.branch_ks], s)
+    n_acc = out.stats.accepted_B - s.stats.accepted_B
+    ctrl = spec_utility.update(u, ctrl, active, n_acc)
+    sync = jnp.where(branch > 0, out.seq_len_B, ctrl.sync_B)
+    return out.replace(controller=ctrl.replace(sync_B=sync))
+
+
+def _step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
+    """``step`` for one static K / tree (per-row limits from ``s.draft_k_B``)."""
     tree = cfg.token_tree
     b = s.tokens_BM.shape[0]
     active = ~s.done_B
@@ -361,7 +411,11 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     trace = s.routing_trace
     if trace is not None and routing is not None:  # row b writes slot iterations_B[b]
         slot = jnp.where(active, st.iterations_B, trace.shape[0])
-        trace = trace.at[slot, jnp.arange(b)].set(routing.astype(jnp.int16), mode="drop")
+        rt = routing.astype(jnp.int16)
+        if rt.shape[1] < trace.shape[2]:  # a narrower utility branch: pad with "no expert"
+            rt = jnp.pad(rt, ((0, 0), (0, trace.shape[2] - rt.shape[1]), (0, 0), (0, 0)),
+                         constant_values=cfg.num_experts)
+        trace = trace.at[slot, jnp.arange(b)].set(rt, mode="drop")
     return s.replace(tokens_BM=tokens, seq_len_B=seq_len, done_B=done, target_cache=tcache,
                      proposer_state=pstate, key_B=key_B, stats=stats, routing_trace=trace)
 

@@ -214,6 +214,12 @@ class Proposer:
                hidden=None):
         return state
 
+    def catch_up(self, cfg, params, state, s, sync_B, window: int):
+        """Brings the state up to date with tokens committed while the proposer did not
+        run (plain-decoding iterations of utility-driven K; ``sync_B``: each row's
+        ``seq_len`` when it last drafted; at most ``window`` tokens behind)."""
+        return state
+
 
 class DraftModel(Proposer):
     """A separate draft model (dense or MoE) sharing the target's tokenizer."""
@@ -245,6 +251,20 @@ class DraftModel(Proposer):
         # accepted non-leaf nodes, which the level forwards left at their node slots (the
         # last accepted node is re-fed next iteration, "lazy by one")
         return compact(state.replace(lengths=pos0_B), path_BJ, jnp.zeros_like(n_new_B))
+
+    def catch_up(self, cfg, params, state, s, sync_B, window: int):
+        """Re-feeds the last ``window`` committed tokens below ``seq_len - 2`` (the lazy
+        cache's valid range; already-cached ones are rewritten with identical K/V)."""
+        dg, ds = params
+        end = s.seq_len_B - 2
+        start = jnp.maximum(end - window, 0)
+        pos = start[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
+        valid = (pos < end[:, None]) & ~s.done_B[:, None]
+        tok = jnp.take_along_axis(s.tokens_BM, jnp.clip(pos, 0, s.tokens_BM.shape[1] - 1),
+                                  axis=1)
+        _, cache, _ = apply(dg, ds, tok, pos, state.replace(lengths=start),
+                            token_valid_BT=valid, plan=cfg.plan)
+        return cache.replace(lengths=jnp.maximum(end, 0))
 
 
 def model_cfg(graphdef, state):

@@ -63,6 +63,7 @@ def test_mixed_limits_greedy_equal_ar_and_masked_nodes_route_nowhere(pair, tree)
     assert np.asarray(s.stats.accepted_B)[[0, 5]].tolist() == [0, 0]  # limit 0 = AR
 
 
+@pytest.mark.slow  # test_utility's sampled test covers mixed limits in the default run
 def test_mixed_limits_sampled_are_lossless():
     """Rows with limits 0..2 (K = 2) sample the target's 3-token distribution."""
     target, draft = chisq.make_pair()

@@ -1,0 +1,188 @@
+"""Utility-driven speculation (Cascade): per-request K, and SD switched off where it loses.
+
+**Utility** of drafting K tokens for a request = tokens it gains per iteration / the
+iteration's cost relative to a plain decode step:
+
+    utility(K) = (1 + E[min(a, K)]) / cost(K)
+    cost(K) = (K t_draft + t_target(B, K+1)) / t_target(B, 1)
+
+with ``a`` the drafts the request accepted in an iteration at the program's largest K
+(one measurement at K_max gives every smaller K: a draft within the first K is accepted
+at K exactly when it is at K_max, so accepting ``min(a, K)``), and the costs from the
+cost model (``analysis/cost_model.py``; ``cpu-measured`` on CPU) at the batch size.
+``utility(0) = 1`` (plain decoding). Utility < 1 means speculation slows the request
+down.
+
+**Phases** (one schedule for the whole batch, counted in loop iterations, so that the
+batch's rows test together and the AR program runs when every row has chosen K = 0):
+a *test* phase of ``test_iters`` iterations drafts K_max for every row and records each
+row's accepted counts; at its end each row takes the K (0 or a candidate) with the best
+utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. A row
+that has not been tested yet (it joined mid-phase) drafts K_max.
+
+**In the loop** (``loop.step``): each iteration runs the step of the largest K any active
+row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
+decoding); rows with a smaller K are masked within it (``DecodeState.draft_k_B``: masked
+nodes are not dispatched to experts, not counted, never accepted). While the batch
+decodes plainly the draft model does not run; its cache catches up over the skipped
+tokens (one window forward) when drafting resumes.
+
+Phase lengths and candidates are ours (Cascade's are not in our copy of the paper):
+test 2 iterations, set 24, candidates (1, 2, 4) capped at the program's K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilityConfig:
+    """Static controller settings (part of the compiled program's identity).
+
+    Attributes:
+      candidates: K values (> 0, ascending) a row may choose; the largest is the
+        program's K_max, drafted during tests. 0 (plain decoding) is always a choice.
+      test_iters: iterations of a test phase.
+      set_iters: iterations a decision holds before the batch re-tests.
+      log_slots: decisions kept per row (the decision trace; the newest overwrite).
+    """
+
+    candidates: tuple[int, ...] = (1, 2, 4)
+    test_iters: int = 2
+    set_iters: int = 24
+    log_slots: int = 16
+
+    def validate(self) -> None:
+        c = self.candidates
+        if not c or list(c) != sorted(set(c)) or c[0] < 1:
+            raise ValueError(f"utility candidates={c} must be distinct positive Ks, ascending")
+        if self.test_iters < 1 or self.set_iters < 1 or self.log_slots < 1:
+            raise ValueError(f"utility test_iters={self.test_iters}, set_iters="
+                             f"{self.set_iters} and log_slots={self.log_slots} must be >= 1")
+
+    @property
+    def k_max(self) -> int:
+        return self.candidates[-1]
+
+    @property
+    def period(self) -> int:
+        return self.test_iters + self.set_iters
+
+    @property
+    def branch_ks(self) -> tuple[int, ...]:
+        """The static K of each ``lax.switch`` branch: 0 (plain decoding), candidates."""
+        return (0,) + self.candidates
+
+
+@struct.dataclass
+class Controller:
+    """Per-row controller state, carried in ``DecodeState.controller``.
+
+    ``cost_K`` [K_max + 1] is the relative iteration cost of each K (cost[0] = 1);
+    ``hist_BA`` [B, K_max + 1] counts the accepted drafts per iteration during the
+    current test; ``chosen_B`` is the K of the set phase (-1 = not tested yet);
+    ``log_BS3`` [B, S, 3] the decisions (global iteration, chosen K, its utility).
+    ``iter`` counts the batch's iterations (the phase clock); ``sync_B`` is each row's
+    ``seq_len`` when its draft state was last brought up to date.
+    """
+
+    cost_K: jax.Array
+    hist_BA: jax.Array
+    chosen_B: jax.Array
+    util_BK: jax.Array
+    log_BS3: jax.Array
+    n_log_B: jax.Array
+    iter: jax.Array
+    sync_B: jax.Array
+
+
+def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
+    ka = ucfg.k_max + 1
+    cost = jnp.asarray(cost_K, jnp.float32)
+    if cost.shape != (ka,):
+        raise ValueError(f"cost_K has shape {cost.shape}; need ({ka},) for K = 0..{ka - 1}")
+    return Controller(cost, jnp.zeros((batch, ka), jnp.int32),
+                      jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
+                      jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
+                      jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
+                      jnp.asarray(seq_len_B, jnp.int32))
+
+
+def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
+    return (c.iter % ucfg.period) < ucfg.test_iters
+
+
+def draft_limits(ucfg: UtilityConfig, c: Controller) -> jax.Array:
+    """int32 [B]: each row's K this iteration (K_max while testing or untested)."""
+    return jnp.where(in_test(ucfg, c) | (c.chosen_B < 0), ucfg.k_max, c.chosen_B)
+
+
+def utilities(ucfg: UtilityConfig, hist_BA, cost_K) -> jax.Array:
+    """float32 [B, K_max + 1]: utility(K) for K = 0..K_max from a test's histogram of
+    accepted drafts (rows with no test iterations: utility(0) = 1, others 0)."""
+    ka = ucfg.k_max + 1
+    a = jnp.arange(ka)
+    n = jnp.sum(hist_BA, axis=1, keepdims=True).astype(jnp.float32)
+    capped = jnp.minimum(a[:, None], a[None, :])  # [K, a]: min(a, K)
+    tokens = 1.0 + (hist_BA.astype(jnp.float32) @ capped.T.astype(jnp.float32)) / jnp.maximum(n, 1)
+    util = tokens / cost_K[None, :]
+    return jnp.where(n > 0, util, jnp.where(a[None, :] == 0, 1.0, 0.0))
+
+
+def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
+    """After one iteration: record the test's accepted counts; at a test's end, each row
+    that took part picks the best K (0 or a candidate) for the set phase and logs it."""
+    testing = in_test(ucfg, c)
+    ka = ucfg.k_max + 1
+    add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
+    hist = c.hist_BA + add.astype(jnp.int32)
+    last = testing & ((c.iter % ucfg.period) == ucfg.test_iters - 1)
+    util = utilities(ucfg, hist, c.cost_K)
+    allowed = np.zeros(ka, bool)
+    allowed[list(ucfg.branch_ks)] = True
+    best = jnp.argmax(jnp.where(jnp.asarray(allowed)[None, :], util, -1.0), axis=1)
+    decide = last & (jnp.sum(hist, axis=1) > 0)
+    chosen = jnp.where(decide, best.astype(jnp.int32), c.chosen_B)
+    rows = jnp.arange(active_B.shape[0])
+    entry = jnp.stack([jnp.broadcast_to(c.iter.astype(jnp.float32), best.shape),
+                       best.astype(jnp.float32), util[rows, best]], axis=1)
+    slot = jnp.where(decide, c.n_log_B % ucfg.log_slots, ucfg.log_slots)
+    log = c.log_BS3.at[rows, slot].set(entry, mode="drop")
+    return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
+                     util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
+                     n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1)
+
+
+def decisions(c: Controller, row: int) -> list[dict]:
+    """The row's decision trace, oldest first (host side)."""
+    n = int(c.n_log_B[row])
+    log = np.asarray(c.log_BS3[row])
+    s = log.shape[0]
+    idx = [(i % s) for i in range(max(0, n - s), n)]
+    return [{"iteration": int(log[i, 0]), "k": int(log[i, 1]), "utility": float(log[i, 2])}
+            for i in idx]
+
+
+def iteration_costs(target_cfg, hw, batch: int, k_max: int, draft=None,
+                    context: int = 256) -> np.ndarray:
+    """cost(K) for K = 0..K_max (cost(0) = 1) from the cost model: the draft (None =
+    free, a draft ModelConfig, or a ratio of the target step) K times plus a K+1-token
+    verification, over a plain decode step, at ``batch`` rows."""
+    from moesd_jax.analysis.cost_model import step_time
+
+    t1 = step_time(target_cfg, hw, batch, 1, context=context)
+    if draft is None:
+        td = 0.0
+    elif isinstance(draft, (int, float)):
+        td = float(draft) * t1
+    else:
+        td = step_time(draft, hw, batch, 1, context=context)
+    out = [1.0] + [(k * td + step_time(target_cfg, hw, batch, k + 1, context=context)) / t1
+                   for k in range(1, k_max + 1)]
+    return np.asarray(out, np.float32)

@@ -1,0 +1,104 @@
+"""Utility-driven K (spec/utility.py): the controller's arithmetic, and decoding under it
+stays lossless whatever it decides (K per row, plain decoding, re-tests with the draft
+cache catching up)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moesd_jax.config import SpecConfig
+from moesd_jax.spec import utility
+from moesd_jax.spec.decoder import SpecDecoder
+from moesd_jax.spec.loop import generate_loop
+from tests.helpers import build, moe_cfg, perturbed_copy
+from tests.spec import chisq
+
+_loop = jax.jit(generate_loop, static_argnums=0)
+UCFG = utility.UtilityConfig(candidates=(1, 2, 4), test_iters=2, set_iters=3)
+
+
+def run_auto(dec, prompts, max_new, cost, ucfg=UCFG, **kw):
+    prepared = dec.prepare(prompts, max_new, **kw)
+    cfg = dec.loop_config([len(p) for p in prompts], [max_new] * len(prompts))
+    cfg = dataclasses.replace(cfg, utility=ucfg, k=ucfg.k_max)
+    return jax.block_until_ready(_loop(cfg, dec.target, dec.draft, *prepared, None, None,
+                                       jnp.asarray(cost, jnp.float32)))
+
+
+def test_utilities_from_a_histogram():
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    hist = jnp.array([[0, 0, 0, 0, 2],  # every draft accepted twice
+                      [2, 0, 0, 0, 0],  # none accepted
+                      [0, 0, 0, 0, 0]])  # not tested
+    cost = jnp.array([1.0, 1.5, 2.0, 2.5, 3.0])
+    util = np.asarray(utility.utilities(u, hist, cost))
+    np.testing.assert_allclose(util[0], [1.0, 2 / 1.5, 3 / 2.0, 4 / 2.5, 5 / 3.0], rtol=1e-6)
+    np.testing.assert_allclose(util[1], [1.0, 1 / 1.5, 1 / 2.0, 1 / 2.5, 1 / 3.0], rtol=1e-6)
+    assert util[2].tolist() == [1.0, 0, 0, 0, 0]
+    c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
+    for n_acc in ([4, 0, 1], [4, 0, 1]):  # the two test iterations
+        c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
+    # row 0: K=4 has utility 5/3; row 1: plain decoding (everything else < 1); row 2 idle
+    assert np.asarray(c.chosen_B).tolist() == [4, 0, -1]
+    assert utility.decisions(c, 0) == [{"iteration": 1, "k": 4,
+                                        "utility": pytest.approx(5 / 3)}]
+    assert np.asarray(utility.draft_limits(u, c)).tolist() == [4, 0, 4]  # set phase
+    with pytest.raises(ValueError, match="ascending"):
+        utility.UtilityConfig(candidates=(4, 2)).validate()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target = build(moe_cfg(), seed=0)
+    draft = perturbed_copy(target, 0.2)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 9, 9, 9], [3, 1], [5, 6, 7], [2]]
+    ar = [r.token_ids for r in SpecDecoder(target, max_len=64).generate(prompts, 20)]
+    dec = SpecDecoder(target, draft, SpecConfig(method="draft", k=4), max_len=64)
+    return dec, prompts, ar
+
+
+@pytest.mark.parametrize("regime,cost", [
+    ("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0]),  # -> K = 0, plain decoding, re-tests
+    ("speculation free", [1.0] * 5),  # -> K = 4
+    ("mixed", [1.0, 1.3, 1.6, 1.9, 2.2]),  # -> per-row choices from acceptance
+])
+def test_auto_k_greedy_equals_ar(setup, regime, cost):
+    dec, prompts, ar = setup
+    s = run_auto(dec, prompts, 20, cost)
+    tokens, seq = np.asarray(s.tokens_BM), np.asarray(s.seq_len_B)
+    for b, p in enumerate(prompts):
+        assert tokens[b, len(p): seq[b]].tolist() == ar[b], (regime, b)
+    ks = {d["k"] for b in range(len(prompts)) for d in utility.decisions(s.controller, b)}
+    if regime == "speculation loses":
+        assert ks == {0}
+        # test phases only: 2 of every 5 iterations draft (K_max = 4)
+        assert (np.asarray(s.stats.drafted_B) <= 4 * 2 * (-(-np.asarray(
+            s.stats.iterations_B) // 5))).all()
+    elif regime == "speculation free":  # ties go to the smaller K; rows that accept go up
+        assert max(ks) >= 2
+    else:
+        assert len(ks) >= 1 and ks <= {0, 1, 2, 4}
+
+
+def test_auto_k_sampled_is_lossless():
+    target, draft = chisq.make_pair()
+    ar = SpecDecoder(target, spec=SpecConfig(method="none"))
+    sd = SpecDecoder(target, draft, SpecConfig(method="draft", k=2))
+    n = chisq.N
+    ucfg = utility.UtilityConfig(candidates=(1, 2), test_iters=1, set_iters=1)
+    # per-row costs cannot differ, so mix decisions through acceptance alone
+    s = run_auto(sd, [chisq.PROMPT] * n, 3, [1.0, 1.2, 1.6], ucfg, temperature=1.0,
+                 seed=list(range(n)))
+    toks = np.asarray(s.tokens_BM)[:, len(chisq.PROMPT): len(chisq.PROMPT) + 3]
+    v = chisq.V
+    got = toks[:, 0] * v * v + toks[:, 1] * v + toks[:, 2]
+    chosen = np.asarray(s.controller.chosen_B)
+    p = chisq.two_sample_p(got, chisq.samples(ar))
+    print(f"auto K sampled: chi-square p = {p:.3f}; rows choosing K=0/1/2: "
+          f"{[(chosen == k).sum() for k in (0, 1, 2)]}")
+    assert p >= 1e-3
