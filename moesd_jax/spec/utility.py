@@ -169,11 +169,21 @@ def decisions(c: Controller, row: int) -> list[dict]:
             for i in idx]
 
 
-def iteration_costs(target_cfg, hw, batch: int, k_max: int, draft=None,
-                    context: int = 256) -> np.ndarray:
-    """cost(K) for K = 0..K_max (cost(0) = 1) from the cost model: the draft (None =
-    free, a draft ModelConfig, or a ratio of the target step) K times plus a K+1-token
-    verification, over a plain decode step, at ``batch`` rows."""
+def costs_from_times(t_target, t_draft: float, k_max: int) -> np.ndarray:
+    """cost(K) for K = 0..K_max: ``(K t_draft + t_target(K + 1)) / t_target(1)``, from a
+    target forward time per token count (a callable or a dict ``T -> seconds``) and the
+    draft's per-token step time (0 for a model-free drafter)."""
+    tt = t_target.__getitem__ if isinstance(t_target, dict) else t_target
+    t1 = tt(1)
+    return np.asarray([1.0] + [(k * t_draft + tt(k + 1)) / t1 for k in range(1, k_max + 1)],
+                      np.float32)
+
+
+def model_costs(target_cfg, hw, batch: int, k_max: int, draft=None,
+                context: int = 256) -> np.ndarray:
+    """:func:`costs_from_times` from the cost model (``analysis/cost_model.py``) on
+    hardware ``hw``: the draft is None (free), a draft ModelConfig, or a ratio of the
+    target's step."""
     from moesd_jax.analysis.cost_model import step_time
 
     t1 = step_time(target_cfg, hw, batch, 1, context=context)
@@ -183,6 +193,24 @@ def iteration_costs(target_cfg, hw, batch: int, k_max: int, draft=None,
         td = float(draft) * t1
     else:
         td = step_time(draft, hw, batch, 1, context=context)
-    out = [1.0] + [(k * td + step_time(target_cfg, hw, batch, k + 1, context=context)) / t1
-                   for k in range(1, k_max + 1)]
-    return np.asarray(out, np.float32)
+    return costs_from_times(lambda t: step_time(target_cfg, hw, batch, t, context=context),
+                            td, k_max)
+
+
+def measured_costs(target, draft, batch: int, k_max: int, context: int = 64,
+                   capacity: int = 256, repeats: int = 5) -> np.ndarray:
+    """:func:`costs_from_times` from jitted forwards timed on this device at ``batch``
+    rows (Cascade's warm-up measurement): the target (``nnx.split`` pieces) at T = 1..K_max
+    + 1 tokens, the draft model (or None: a model-free drafter costs 0) at T = 1."""
+    from moesd_jax.bench_decode import forward_time
+    from moesd_jax.spec.proposers import model_cfg
+
+    tg, ts = target
+    tcfg = model_cfg(tg, ts)
+    t_target = {t: forward_time(tg, ts, tcfg, batch, t, context, capacity, repeats)[0]
+                for t in range(1, k_max + 2)}
+    td = 0.0
+    if draft is not None:
+        dg, ds = draft
+        td = forward_time(dg, ds, model_cfg(dg, ds), batch, 1, context, capacity, repeats)[0]
+    return costs_from_times(t_target, td, k_max)
