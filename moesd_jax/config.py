@@ -203,6 +203,14 @@ class SpecConfig:
       ngram_n: n-gram size matched by the prompt-lookup drafter.
       oracle_acceptance: per-position probability that the oracle drafter proposes the
         right token.
+      auto: utility-driven K (``spec/utility.py``, ``--k auto``): each request drafts
+        the K among ``auto_candidates`` (capped at ``k``; ``k`` is the largest) with the
+        best measured utility, or decodes plainly where speculation loses. Chains only.
+      auto_costs: where the iteration costs come from: ``measured`` (target and draft
+        forwards timed at warm-up, per batch size) or ``model`` (the cost model on
+        ``auto_hardware``).
+      auto_hardware: cost-model preset for ``auto_costs: model`` (``cpu-measured``
+        calibrates this machine).
     """
 
     method: Literal["none", "draft", "ngram", "oracle", "eagle"] = "draft"
@@ -210,6 +218,18 @@ class SpecConfig:
     tree: str | None = None
     ngram_n: int = 2
     oracle_acceptance: float = 0.8
+    auto: bool = False
+    auto_candidates: tuple[int, ...] = (1, 2, 4)
+    auto_costs: Literal["measured", "model"] = "measured"
+    auto_hardware: str = "cpu-measured"
+    auto_test_iters: int = 2
+    auto_set_iters: int = 24
+
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        """The K values ``auto`` chooses among (besides 0): the candidates below ``k``,
+        and ``k``."""
+        return tuple(sorted({c for c in self.auto_candidates if c < self.k} | {self.k}))
 
     def validate(self, prefix: str = "spec") -> None:
         if self.method not in ("none", "draft", "ngram", "oracle", "eagle"):
@@ -222,6 +242,22 @@ class SpecConfig:
             raise ConfigError(f"{prefix}.k={self.k} must be in [0, 32]")
         if self.ngram_n < 1:
             raise ConfigError(f"{prefix}.ngram_n={self.ngram_n} must be >= 1")
+        if self.auto:
+            if self.method in ("none", "eagle"):
+                raise ConfigError(f"{prefix}.auto (--k auto) needs a draft, ngram or oracle "
+                                  f"drafter, not {self.method!r}")
+            if self.tree is not None:
+                raise ConfigError(f"{prefix}.auto (--k auto) picks a chain length; drop "
+                                  f"{prefix}.tree={self.tree!r}")
+            if self.k < 1 or any(c < 1 for c in self.auto_candidates):
+                raise ConfigError(f"{prefix}.k={self.k} and {prefix}.auto_candidates="
+                                  f"{self.auto_candidates} must be >= 1 with auto")
+            if self.auto_costs not in ("measured", "model"):
+                raise ConfigError(f"{prefix}.auto_costs={self.auto_costs!r} must be measured "
+                                  "or model")
+            if self.auto_test_iters < 1 or self.auto_set_iters < 1:
+                raise ConfigError(f"{prefix}.auto_test_iters={self.auto_test_iters} and "
+                                  f"auto_set_iters={self.auto_set_iters} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
