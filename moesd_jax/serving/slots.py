@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from moesd_jax.kv_cache import KVCache
 from moesd_jax.spec.loop import DecodeState, Stats
+from moesd_jax.spec.utility import Controller
 
 # ---------------------------------------------------------------------------------------
 # state surgery (pure functions, jitted by the engine)
@@ -29,8 +30,9 @@ def _insert_cache(big: KVCache | None, small: KVCache | None, slot) -> KVCache |
 
 
 def is_row_field(name: str) -> bool:
-    """Stats fields named ``*_B*`` are per row; the others (``unique_experts_L``,
-    ``verify_steps``) are totals over the batch and are kept."""
+    """Stats and controller fields named ``*_B*`` are per row; the others
+    (``unique_experts_L``, ``verify_steps``, the controller's ``cost_K`` and ``iter``) are
+    batch-wide and are kept."""
     return "_B" in name
 
 
@@ -45,7 +47,7 @@ def insert(state: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState
         big, small = getattr(state, f.name), getattr(row, f.name)
         if isinstance(big, KVCache) or big is None:
             out[f.name] = _insert_cache(big, small, slot)
-        elif isinstance(big, Stats):
+        elif isinstance(big, (Stats, Controller)):  # batch totals / the phase clock kept
             out[f.name] = big.replace(**{
                 g.name: _update_rows(getattr(big, g.name), getattr(small, g.name), slot, 0)
                 for g in dataclasses.fields(big) if is_row_field(g.name)})
