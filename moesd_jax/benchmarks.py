@@ -85,7 +85,8 @@ def moe_layer(num_experts: int = 64, d: int = 1024, f: int = 1024, tokens: int =
 
 
 def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_new: int = 64,
-               batch: int = 10, max_len: int | None = None, eagle=None) -> list[dict]:
+               batch: int = 10, max_len: int | None = None, eagle=None,
+               keep_tokens: bool = False) -> list[dict]:
     """Greedy AR vs speculative decoding over ``prompts`` for each config, in one run.
 
     Each config is ``none``, ``chain:K``, ``ngram:K``, ``tree:NAME`` (draft model),
@@ -97,7 +98,7 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
     Returns:
       one dict per config: config, mean_acceptance_length (token-weighted over prompts:
       1 + accepted / iterations), tokens_per_s (median over batches), speedup vs AR
-      (ratio of medians), equal_to_ar.
+      (ratio of medians), equal_to_ar; with ``keep_tokens`` also token_ids (per prompt).
     """
     from moesd_jax.config import SpecConfig
     from moesd_jax.spec.decoder import SpecDecoder
@@ -147,4 +148,62 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
         rows.append({"config": c, "mean_acceptance_length": 1 + acc / max(its, 1),
                      "tokens_per_s": rate, "speedup": rate / ar_rate,
                      "equal_to_ar": toks == ar_tokens})
+        if keep_tokens:
+            rows[-1]["token_ids"] = toks
     return rows
+
+
+def batch_job_vs_spec(target, draft, prompts: list[list[int]], k: int = 4, max_new: int = 64,
+                      batch: int = 10, tokenizer=None) -> dict:
+    """The batch job's throughput next to :func:`spec_sweep`'s ``chain:K`` at one batch size.
+
+    The job (``moesd_jax.batch``: JSONL input parsed, static batches of ``batch`` rows
+    through one compiled program, result lines written and fsync-ed) decodes ``prompts``
+    greedily with a chain of ``k`` draft tokens, after a warm-up job of one batch that
+    compiles the program; its rate is generated tokens / wall time from the first batch's
+    dispatch to the last line written (a mean over the job, where ``spec_sweep`` reports
+    the median of per-batch rates). Both run in this process, one after the other.
+
+    Returns:
+      prompts, batch, k, job_tokens_per_s, job_seconds, job_mean_acceptance_length,
+      spec_tokens_per_s, spec_mean_acceptance_length, ar_tokens_per_s, job_over_spec,
+      tokens_equal (the job's tokens are the spec run's).
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from moesd_jax.batch import Defaults, Limits, ResultWriter, read_requests, run_job
+    from moesd_jax.config import SpecConfig
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    rows = spec_sweep(target, draft, prompts, [f"chain:{k}"], max_new, batch, keep_tokens=True)
+    ar, sd = rows[0], rows[1]
+    dec = SpecDecoder(target, draft, SpecConfig(method="draft", k=k))
+    with tempfile.TemporaryDirectory(prefix="moesd_bench_batch_") as d:
+        src = Path(d) / "in.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "prompt_ids": p, "max_tokens": max_new})
+                               + "\n" for i, p in enumerate(prompts)))
+        limits = Limits(vocab=dec.cfg.vocab, max_len=dec.cfg.max_len, k_eff=dec.cfg.k_eff)
+        reqs, bad = read_requests(src, Defaults(max_tokens=max_new), limits, tokenizer)
+        if bad:
+            raise ValueError(f"prompt {bad[0]['line'] - 1}: {bad[0]['error']}")
+        # warm-up: the first batch only (the job's shapes come from every request)
+        run_job(dec, reqs, lambda lines: None, batch_size=batch,
+                done={r.key for r in reqs[batch:]}, tokenizer=tokenizer, progress=False)
+        writer = ResultWriter(Path(d) / "out.jsonl")
+        try:
+            job = run_job(dec, reqs, writer.write, batch_size=batch, tokenizer=tokenizer,
+                          progress=False)
+        finally:
+            writer.close()
+        out = {json.loads(x)["id"]: json.loads(x)["token_ids"]
+               for x in (Path(d) / "out.jsonl").read_text().splitlines()}
+    return {"prompts": len(prompts), "batch": batch, "k": k,
+            "job_tokens_per_s": job["tokens_per_s"], "job_seconds": job["seconds"],
+            "job_mean_acceptance_length": job["mean_acceptance_length"],
+            "spec_tokens_per_s": sd["tokens_per_s"],
+            "spec_mean_acceptance_length": sd["mean_acceptance_length"],
+            "ar_tokens_per_s": ar["tokens_per_s"],
+            "job_over_spec": job["tokens_per_s"] / sd["tokens_per_s"],
+            "tokens_equal": [out[i] for i in range(len(prompts))] == sd["token_ids"]}

@@ -113,6 +113,19 @@ def process_allgather(x: Any) -> Any:
 to_host = process_allgather
 
 
+def gather_from_processes(x: Any) -> Any:
+    """Every process's host value of ``x``, stacked: each leaf ``[process_count, ...]``.
+
+    For small host data that differs per process (per-host input rows, counts); every
+    process must call it with the same shapes. One process: ``x[None]`` per leaf.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda a: np.asarray(a)[None], x)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(x, tiled=False))
+
+
 def sync(name: str = "moesd_sync") -> None:
     """Barrier across processes (no-op on one process)."""
     if jax.process_count() > 1:

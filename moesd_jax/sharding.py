@@ -209,12 +209,18 @@ class ShardingPlan:
                     f"{list(self.axes(logical))} in strategy {self.name or '?'})")
 
     def validate_batch(self, batch: int) -> None:
+        """Raises ConfigError unless the ``batch`` rule's mesh axes divide ``batch``.
+
+        ``SpecDecoder`` and the serving engine never hit this: they pad such batches with
+        inert rows (``spec.decoder.pad_rows``) first; it guards direct ``shard_batch``
+        calls."""
         n = self.size("batch")
         if batch % n:
             raise ConfigError(
                 f"batch={batch} is not divisible by mesh axis {'x'.join(self.axes('batch'))}"
                 f"={n} (rule batch -> {list(self.axes('batch'))} in strategy "
-                f"{self.name or '?'}); use a multiple of {n} prompts")
+                f"{self.name or '?'}); pad it to a multiple of {n} rows "
+                "(spec.decoder.pad_rows)")
 
     # -- parameters ---------------------------------------------------------------------
     def param_specs(self, state: nnx.State) -> dict[str, P]:

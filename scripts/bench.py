@@ -7,6 +7,10 @@
   python scripts/bench.py spec [--configs none chain:4 tree:tree-15 ngram:4 --prompts 50]
       greedy AR vs SD on held-out code prompts with the bundled pair (or --model/--draft):
       mean acceptance length, tokens/s, speedup (ratio of medians in one run).
+  python scripts/bench.py batch [--prompts 50 --batch-size 10 --k 4 --max-new-tokens 64]
+      the batch job (moesd-batch-decode's loop: static batches, one compiled program,
+      JSONL written and fsync-ed) on generated held-out prompts, its tokens/s next to
+      `bench.py spec`'s chain:K figure at the same batch size, measured in the same run.
   python scripts/bench.py hf [--prompts 10 --max-new-tokens 64 --batch 1 8 --k 4]
       ours AR and SD vs Hugging Face transformers (PyTorch) greedy generate and assisted
       generation on the same weights (exported float32) and prompts; tokens compared.
@@ -49,6 +53,15 @@ def main(argv=None) -> int:
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch", type=int, default=10)
     sp.add_argument("--json", action="store_true")
+    bp = sub.add_parser("batch", help="batch job tokens/s vs bench.py spec at the same B, K")
+    bp.add_argument("--model", default=None, help="target (default: bundled)")
+    bp.add_argument("--draft", default=None, help="draft (default: bundled)")
+    bp.add_argument("--prompts", type=int, default=50)
+    bp.add_argument("--batch-size", type=int, default=10)
+    bp.add_argument("--k", type=int, default=4, help="draft tokens per step (chain)")
+    bp.add_argument("--prompt-tokens", type=int, default=64)
+    bp.add_argument("--max-new-tokens", type=int, default=64)
+    bp.add_argument("--json", action="store_true")
     hp = sub.add_parser("hf", help="ours AR / SD vs transformers generate / assisted")
     hp.add_argument("--model", default=None, help="target (default: bundled)")
     hp.add_argument("--draft", default=None, help="draft (default: bundled)")
@@ -105,6 +118,8 @@ def main(argv=None) -> int:
         return attention_cmd(args)
     if args.cmd == "hf":
         return hf_cmd(args)
+    if args.cmd == "batch":
+        return batch_cmd(args, benchmarks)
     if args.cmd == "moe-layer":
         if args.top_k > args.experts or min(args.experts, args.d, args.f, args.tokens) < 1:
             print(f"error: need 1 <= --top-k={args.top_k} <= --experts={args.experts} and "
@@ -320,6 +335,46 @@ def spec_cmd(args, benchmarks) -> int:
     for r in rows:
         print(f"{r['config']:>14} {r['mean_acceptance_length']:>10.3f} "
               f"{r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f} {str(r['equal_to_ar']):>6}")
+    return 0
+
+
+def batch_cmd(args, benchmarks) -> int:
+    from moesd_jax.config import ConfigError
+    from moesd_jax.data import heldout_prompts
+    from moesd_jax.runtime import load_models
+
+    try:
+        if min(args.prompts, args.batch_size, args.prompt_tokens, args.max_new_tokens) < 1:
+            raise ValueError(f"--prompts={args.prompts}, --batch-size={args.batch_size}, "
+                             f"--prompt-tokens={args.prompt_tokens} and --max-new-tokens="
+                             f"{args.max_new_tokens} must be >= 1")
+        if args.k < 1:
+            raise ValueError(f"--k={args.k} must be >= 1")
+        lm = load_models(args.model, args.draft, "draft", k=args.k)
+        tok = lm.tokenizer
+        if tok is None:
+            raise ValueError(f"{lm.target_path} has no tokenizer: held-out prompts need one")
+        texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
+        prompts = [tok.encode(t) for t in texts]
+        res = benchmarks.batch_job_vs_spec(lm.target, lm.draft, prompts, args.k,
+                                           args.max_new_tokens, args.batch_size, tok)
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"# batch: {res['prompts']} held-out prompts x {args.max_new_tokens} new tokens, "
+          f"greedy, batch {args.batch_size}, chain K={args.k}; target {lm.target_path}, "
+          f"draft {lm.draft_path}")
+    print(f"{'':>22} {'tok/s':>8} {'accept len':>10}")
+    print(f"{'batch job':>22} {res['job_tokens_per_s']:>8.1f} "
+          f"{res['job_mean_acceptance_length']:>10.3f}")
+    print(f"{'bench.py spec chain:K':>22} {res['spec_tokens_per_s']:>8.1f} "
+          f"{res['spec_mean_acceptance_length']:>10.3f}")
+    print(f"# job / spec = {res['job_over_spec']:.2f}; AR (spec's baseline) "
+          f"{res['ar_tokens_per_s']:.1f} tok/s; job tokens == spec tokens: "
+          f"{res['tokens_equal']}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Sharding strategies on 8 simulated CPU devices: same logits and greedy SD tokens as one
-device, golden PartitionSpec snapshots, validation errors, the expert-parallel HLO, and
+device (for 1, 2, 3 and 8 prompts: batches the mesh does not divide are padded),
+golden PartitionSpec snapshots, validation errors, the expert-parallel HLO, and
 full-size configs under ``ep`` with ``jax.eval_shape``.
 
 Every strategy appears in the default run (logits; greedy SD under ep); the full
@@ -142,6 +143,48 @@ def test_greedy_sd_tokens_match_single_device(models, plans, name, e):
     w = dec.target[1]["layers"][0]["moe"]["w_up_EDF"][...]
     assert w.sharding.spec == plans[name].spec(("expert", "embed", "expert_mlp"))
     assert len(target.layers[0].moe.w_up_EDF[...].devices()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# batches the mesh's batch axis does not divide: padded with inert rows, never refused
+
+
+@pytest.fixture(scope="module")
+def unsharded(models):
+    """Greedy SD results (tokens and stats) of all PROMPTS on one device."""
+    target, draft = models[8]
+    return SpecDecoder(target, draft, SPEC, max_len=MAX_LEN).generate(PROMPTS, MAX_NEW)
+
+
+# dp splits rows 8 ways, fsdp_ep 2 ways; the others replicate rows. The default run
+# covers dp (1, 2, 3 and 8 prompts share one padded 8-row program); the rest is slow.
+PAD_CASES = [pytest.param(n, marks=() if n == "dp" else pytest.mark.slow)
+             for n in STRATEGIES]
+
+
+@pytest.mark.parametrize("name", PAD_CASES)
+def test_any_batch_size_gives_the_unsharded_tokens(models, plans, unsharded, name):
+    target, draft = models[8]
+    # one prompt bucket (32) for every subset, so dp compiles one program for all sizes
+    dec = SpecDecoder(target, draft, SPEC, max_len=MAX_LEN, mesh=plans[name], prompt_bucket=32)
+    for n in (1, 2, 3, 8):
+        idx = [3, 6, 0, 1, 2, 4, 5, 7][:n]
+        res = dec.generate([PROMPTS[i] for i in idx], MAX_NEW)
+        assert len(res) == n
+        for i, r in zip(idx, res):
+            assert r.token_ids == unsharded[i].token_ids, (name, n, i)
+            assert r.stats == unsharded[i].stats, (name, n, i)
+    if name == "dp":
+        assert dec.trace_count == 1  # 1, 2, 3 and 8 prompts: one padded program
+        # the inert rows: done at prefill, never stepped, no statistics
+        state = dec.generate_state(*dec.prepare_host(PROMPTS[:3], MAX_NEW, buckets=[32]),
+                                   cfg=dec.loop_config([len(p) for p in PROMPTS[:3]],
+                                                       [MAX_NEW] * 3))
+        st = jax.device_get(state.stats)
+        assert state.tokens_BM.shape[0] == 8
+        assert np.all(np.asarray(state.done_B)[3:]) and np.all(np.asarray(state.seq_len_B)[3:] == 1)
+        assert not np.any(st.iterations_B[3:]) and not np.any(st.drafted_B[3:])
+        assert not np.any(st.accepted_pos_BK[3:]) and np.all(st.iterations_B[:3] > 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="row r (prompt r) samples with row_seed(SEED, r): repeated prompts "
+                         "give independent samples, the same SEED the same ones")
     ap.add_argument("--dispatch", default=None, help="MoE dispatch backend override")
     ap.add_argument("--mesh", default=None, help="sharding strategy (configs/mesh)")
     ap.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -96,8 +97,14 @@ class Engine:
       max_stop: stop-token slots per row.
       mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
         MeshConfig), as for :class:`SpecDecoder`: parameters placed per its rules, slots
-        split over its ``batch`` rule (``slots`` must divide), MoE layers expert-parallel
-        when it shards experts. None = one device.
+        split over its ``batch`` rule, MoE layers expert-parallel when it shards experts.
+        When the ``batch`` axis does not divide ``slots``, the compiled state has inert
+        rows beyond them (never admitted: done, no expert dispatch, no statistics).
+        None = one device.
+
+    Seeds: each request's row draws from ``PRNGKey(params.seed)`` (a one-row list seed in
+    :meth:`SpecDecoder.prepare`'s terms), so a request with a seed samples the same
+    tokens whatever else is in the batch; ``seed=None`` draws a fresh random seed.
     """
 
     def __init__(self, target, draft=None, spec: SpecConfig | None = None, *, slots: int = 4,
@@ -130,9 +137,11 @@ class Engine:
             self._target, self._draft, self._sharding = place_models(self.decoder.target,
                                                                self.decoder.draft)
         else:
-            self.plan.validate_batch(slots)
             self._target, self._draft, self._sharding = (self.decoder.target,
                                                          self.decoder.draft, None)
+        # rows of the compiled state: slots padded to the mesh's batch axis (inert rows)
+        n = self.decoder.batch_multiple
+        self._rows = -(-slots // n) * n
         self._state_shardings = None if self.plan is None else self._plan_shardings()
         self._num_moe_layers = int(self.cfg.num_experts and loop._num_moe_layers(*self._target))
 
@@ -177,7 +186,7 @@ class Engine:
         return self.plan.activate() if self.plan is not None else contextlib.nullcontext()
 
     def _state_shapes(self) -> DecodeState:
-        b, p = self.slots, self.buckets[0]
+        b, p = self._rows, self.buckets[0]
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
         shapes = jax.eval_shape(
@@ -207,7 +216,7 @@ class Engine:
         return shapes.replace(**out)
 
     def _empty_state(self) -> DecodeState:
-        b = self.slots
+        b = self._rows  # every row free (done); rows beyond the slots stay so
         shapes = self._state_shapes()
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         state = state.replace(done_B=jnp.ones((b,), bool),
@@ -222,7 +231,8 @@ class Engine:
         try:
             return self.decoder.prepare(
                 [prompt_ids], params.max_tokens, temperature=params.temperature,
-                top_k=params.top_k, top_p=params.top_p, seed=params.seed,
+                top_k=params.top_k, top_p=params.top_p,
+                seed=[0 if params.seed is None else params.seed],
                 stop_token_ids=params.stop_token_ids, buckets=self.buckets)
         except ValueError as e:
             raise RequestError(str(e)) from e
@@ -245,8 +255,9 @@ class Engine:
                                              and 0 <= t < self.vocab_size)]
         if bad:
             raise RequestError(f"prompt token id {bad[0]!r} is outside [0, {self.vocab_size})")
-        if not 0 <= params.seed < 2**31:
-            raise RequestError(f"seed={params.seed} must be in [0, 2**31)")
+        if params.seed is not None and not (isinstance(params.seed, (int, np.integer))
+                                            and 0 <= params.seed < 2**31):
+            raise RequestError(f"seed={params.seed!r} must be an integer in [0, 2**31)")
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                request_id: str | None = None) -> RequestHandle:
@@ -259,6 +270,8 @@ class Engine:
         """
         prompt_ids = [int(t) for t in prompt_ids]
         self.check_request(prompt_ids, params)
+        if params.seed is None:  # no seed: this request's own random stream
+            params = dataclasses.replace(params, seed=secrets.randbelow(2**31))
         args = self._row_args(prompt_ids, params)
         try:
             loop_ = asyncio.get_running_loop()
@@ -325,7 +338,7 @@ class Engine:
                                             np.int32(0), *args)
         with self._ctx():
             self.state = self._step_fn(self._target, self._draft, self.state)
-            self.state = self._retire_fn(self.state, jnp.ones((self.slots,), bool))
+            self.state = self._retire_fn(self.state, jnp.ones((self._rows,), bool))
         jax.block_until_ready(self.state)
         self.state = self._empty_state()
         return time.perf_counter() - t0
@@ -446,7 +459,7 @@ class Engine:
     def _apply_cancels(self, cancels: list[RequestHandle]) -> None:
         if not cancels:
             return
-        mask = np.zeros((self.slots,), bool)
+        mask = np.zeros((self._rows,), bool)
         for h in cancels:
             if h.finished:
                 continue

@@ -45,7 +45,9 @@ class SamplingParams:
       max_tokens: new-token limit (>= 1).
       temperature: 0 = greedy.
       top_k: 0 = off. top_p: 1 = off.
-      seed: per-request seed; the row's random stream does not depend on the batch.
+      seed: per-request seed: the row samples from ``PRNGKey(seed)`` whatever else is in
+        the batch (reproducible); None = a fresh random seed drawn at submission, so
+        requests without a seed differ from each other.
       stop_token_ids: tokens that end the request (kept in the output); None = the
         engine's EOS ids.
     """
@@ -54,7 +56,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
 
 

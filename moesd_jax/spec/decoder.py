@@ -4,6 +4,18 @@
 jitted program per (batch, padded prompt length) shape and runs prefill plus the whole
 ``lax.while_loop`` as a single device call. Prompts are right-padded to a multiple of
 ``prompt_bucket`` so new prompts of similar length reuse the compiled program.
+
+Two batch rules every caller (``generate``, the server engine, batch jobs) shares:
+
+- **Seeds.** A scalar ``seed`` s gives row r its own stream, ``PRNGKey(row_seed(s, r))``
+  (a 31-bit SplitMix64 hash of (s, r)), so one prompt repeated N times gives N
+  independent samples. A list of seeds, one per row, is used as given: row r draws from
+  ``PRNGKey(seed[r])`` whatever else is in the batch (the server's and the batch job's
+  per-request ``seed``).
+- **Padding.** A batch the mesh's ``batch`` axis does not divide is padded with *inert
+  rows* (:func:`pad_rows`: prompt length 0 and no new tokens, so they are done before
+  the first step, dispatch to no expert and add no statistics) and those rows are
+  dropped from the results.
 """
 
 from __future__ import annotations
@@ -37,6 +49,72 @@ class GenerationResult:
     @property
     def mean_acceptance_length(self) -> float:
         return self.stats["mean_acceptance_length"]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of a call whose ``seed`` is the scalar ``seed``.
+
+    A SplitMix64 finaliser of ``(seed mod 2**32) * 2**32 + row``, top 31 bits: distinct
+    rows (and distinct scalar seeds) get unrelated streams, unlike ``seed + row``, whose
+    streams overlap between calls with nearby seeds.
+    """
+    z = (((int(seed) & 0xFFFFFFFF) << 32) | (int(row) & 0xFFFFFFFF)) + 0x9E3779B97F4A7C15
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 33
+
+
+def row_seeds(seed: int | Sequence[int], b: int) -> list[int]:
+    """Per-row seeds of a batch of ``b`` rows (the rule in the module doc).
+
+    A scalar gives ``[row_seed(seed, r) for r in range(b)]``; a sequence (one seed per
+    row, each in [-2**31, 2**31)) is returned as given.
+    """
+    if np.isscalar(seed):
+        return [row_seed(int(seed), r) for r in range(b)]
+    seeds = [int(x) for x in seed]
+    if len(seeds) != b:
+        raise ValueError(f"seed has {len(seeds)} values for {b} prompts: give one value or "
+                         "one per prompt")
+    bad = [x for x in seeds if not -2**31 <= x < 2**31]
+    if bad:
+        raise ValueError(f"seed={bad[0]} does not fit in int32")
+    return seeds
+
+
+# inert row values per ``prepare`` array (prompts, prompt_len, max_new, temperature, top_k,
+# top_p, seed, stop ids, oracle reference): no prompt, no new tokens, never sampled
+_INERT = (0, 0, 0, 0.0, 0, 1.0, 0, -1, 0)
+
+
+def pad_rows(prepared: Sequence, rows: int) -> tuple:
+    """``prepare``'s arrays with inert rows appended up to ``rows`` rows.
+
+    An inert row has prompt length 0 and ``max_new_tokens`` 0: prefill marks it done, so
+    no step computes it (its tokens are masked, dispatch to no expert and add no
+    statistics). Callers drop rows ``>= len(prompts)`` from the results.
+
+    Returns:
+      the arrays (host numpy where rows were added, else as given).
+    """
+    b = int(np.shape(prepared[0])[0])
+    if rows < b:
+        raise ValueError(f"cannot pad {b} rows to {rows}")
+    if len(prepared) > len(_INERT):  # never drop (or wrongly pad) an argument silently
+        raise ValueError(f"pad_rows knows prepare's 8 arrays and the oracle reference; got "
+                         f"{len(prepared)} arguments")
+    if rows == b:
+        return tuple(prepared)
+    out = []
+    for a, fill in zip(prepared, _INERT):
+        a = np.asarray(a)
+        pad = np.full((rows - b,) + a.shape[1:], fill, a.dtype)
+        out.append(np.concatenate([a, pad]))
+    return tuple(out)
 
 
 def row_stats(state: DecodeState, row: int, k: int) -> dict:
@@ -139,23 +217,33 @@ class SpecDecoder:
                 temperature=0.0, top_k=0, top_p=1.0, seed: int | Sequence[int] = 0,
                 stop_token_ids: Sequence[int] | None = None,
                 buckets: Sequence[int] | None = None) -> tuple:
-        """Validates inputs and builds the padded device arrays for ``prefill``.
+        """:meth:`prepare_host`'s arrays on the default device (``prefill``'s arguments)."""
+        return tuple(jnp.asarray(a) for a in self.prepare_host(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids,
+            buckets))
+
+    def prepare_host(self, prompts: Sequence[Sequence[int]],
+                     max_new_tokens: int | Sequence[int], temperature=0.0, top_k=0,
+                     top_p=1.0, seed: int | Sequence[int] = 0,
+                     stop_token_ids: Sequence[int] | None = None,
+                     buckets: Sequence[int] | None = None) -> tuple[np.ndarray, ...]:
+        """Validates inputs and builds the padded numpy arrays for ``prefill``.
 
         The one padding rule (offline generation and the server alike): prompts are
         right-padded to the smallest of ``buckets`` that holds the longest (the server's
         prefill buckets), or by default to a multiple of ``prompt_bucket``.
+
+        ``seed``: a scalar gives row r the stream ``row_seed(seed, r)``; a list gives row r
+        exactly ``seed[r]`` (see the module doc). The arrays have ``len(prompts)`` rows;
+        :meth:`generate_state` pads them to the mesh when needed.
         """
         b = len(prompts)
         if b == 0:
             raise ValueError("prompts is empty")
         lens = [len(p) for p in prompts]
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
+        for i, n in enumerate(lens):
+            if n == 0:
                 raise ValueError(f"prompt {i} is empty")
-            bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, "
-                                 f"{self.cfg.vocab})")
         def per_row(x, name):
             if np.isscalar(x):
                 return [x] * b
@@ -193,15 +281,24 @@ class SpecDecoder:
         if len(stops) > self.cfg.max_stop:
             raise ValueError(f"{len(stops)} stop tokens exceed max_stop={self.cfg.max_stop}")
         stop_row = stops + [-1] * (self.cfg.max_stop - len(stops))
-        arr = np.zeros((b, p_len), np.int32)
+        arr = np.zeros((b, p_len), np.int64)  # int64 first: out-of-range ids stay visible
         for i, p in enumerate(prompts):
-            arr[i, : len(p)] = p
-        seeds = per_row(seed, "seed")
-        return (jnp.asarray(arr), jnp.asarray(lens, jnp.int32),
-                jnp.asarray(max_new, jnp.int32), jnp.asarray(temps, jnp.float32),
-                jnp.asarray(tks, jnp.int32), jnp.asarray(tps, jnp.float32),
-                jnp.asarray(seeds, jnp.int32),
-                jnp.asarray(np.tile(np.asarray(stop_row, np.int32), (b, 1))))
+            try:
+                arr[i, : len(p)] = p
+            except (OverflowError, TypeError, ValueError):
+                raise ValueError(f"prompt {i} has a token id that is not an integer in [0, "
+                                 f"{self.cfg.vocab})") from None
+        bad = np.argwhere((arr < 0) | (arr >= self.cfg.vocab))  # padding is 0: in range
+        if len(bad):
+            i, j = bad[0]
+            raise ValueError(f"prompt {i} has token id {arr[i, j]} outside [0, "
+                             f"{self.cfg.vocab})")
+        arr = arr.astype(np.int32)
+        seeds = row_seeds(seed, b)
+        return (arr, np.asarray(lens, np.int32), np.asarray(max_new, np.int32),
+                np.asarray(temps, np.float32), np.asarray(tks, np.int32),
+                np.asarray(tps, np.float32), np.asarray(seeds, np.int32),
+                np.tile(np.asarray(stop_row, np.int32), (b, 1)))
 
     def loop_config(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> LoopConfig:
         """The compiled program's config for one call: its cache capacity from the work
@@ -213,11 +310,24 @@ class SpecDecoder:
         cap = min(-(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET, self.cfg.max_len)
         return dataclasses.replace(self.cfg, max_len=cap)
 
+    @property
+    def batch_multiple(self) -> int:
+        """Rows of a compiled batch are a multiple of this (the mesh's ``batch`` axis)."""
+        return 1 if self.plan is None else self.plan.size("batch")
+
     def generate_state(self, *prepared, cfg: LoopConfig | None = None) -> DecodeState:
-        """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call)."""
+        """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call).
+
+        Dispatched asynchronously (block on the result to wait). Under a mesh whose
+        ``batch`` axis does not divide the rows, inert rows are appended first
+        (:func:`pad_rows`): the state then has more rows than ``prepared``, the extra
+        ones at the end.
+        """
         cfg = cfg or self.cfg
         if self.plan is None:
             return self._fn(cfg, self.target, self.draft, *prepared)
+        n, b = self.batch_multiple, int(np.shape(prepared[0])[0])
+        prepared = pad_rows(prepared, -(-b // n) * n)
         with self.plan.activate():  # the mesh; the plan itself is cfg.plan
             return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared))
 
@@ -226,10 +336,14 @@ class SpecDecoder:
                  **kwargs) -> list[GenerationResult]:
         """Generates for a batch of token-id prompts; returns results in order.
 
+        Any number of prompts works under any mesh (padded with inert rows, see the
+        module doc). ``seed`` (in ``kwargs``): a scalar gives every row its own stream, a
+        list one seed per row.
+
         ``oracle_reference`` (``spec.method == "oracle"`` only): per prompt, the prompt
         followed by the target's greedy continuation (e.g. an AR run's output).
         """
-        prepared = self.prepare(prompts, max_new_tokens, **kwargs)
+        prepared = self.prepare_host(prompts, max_new_tokens, **kwargs)
         if (oracle_reference is not None) != (self.cfg.method == "oracle"):
             raise ValueError("oracle_reference goes with spec.method='oracle' (and only)")
         if oracle_reference is not None:
@@ -240,13 +354,17 @@ class SpecDecoder:
             ref = np.zeros((len(prompts), m), np.int32)
             for i, r in enumerate(oracle_reference):
                 ref[i, :len(r)] = r
-            prepared = prepared + (jnp.asarray(ref),)
+            prepared = prepared + (ref,)
         max_new = ([max_new_tokens] * len(prompts) if np.isscalar(max_new_tokens)
                    else list(max_new_tokens))
         cfg = self.loop_config([len(p) for p in prompts], max_new)
-        state = jax.block_until_ready(self.generate_state(*prepared, cfg=cfg))
-        if self.plan is not None:  # rows held by other processes come to every process
+        state = self.generate_state(*prepared, cfg=cfg)
+        # only what the results need, read back once (rows held by other processes come
+        # to every process); never the caches
+        state = state.replace(target_cache=None, proposer_state=None)
+        if self.plan is not None:
             state = process_allgather(state)
+        state = jax.device_get(state)
         tokens = np.asarray(state.tokens_BM)
         seq_len = np.asarray(state.seq_len_B)
         out = []

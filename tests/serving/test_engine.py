@@ -104,3 +104,24 @@ def test_step_loop_reads_back_only_new_tokens(engine, prompts, reference, monkey
     tail = (engine.slots, engine.cfg.accept_positions + 2)
     assert tail in shapes
     assert (engine.slots, engine.max_len) not in shapes
+
+
+def test_requests_without_a_seed_differ_with_one_repeat(engine, prompts):
+    """SamplingParams(seed=None) draws a random seed per request (two requests for the
+    same prompt sample differently); a request's own seed reproduces its samples."""
+    sampled = lambda **kw: engine.generate(  # noqa: E731
+        prompts[1], SamplingParams(max_tokens=8, temperature=1.0, **kw),
+        timeout=120).all_token_ids
+    assert sampled() != sampled()
+    assert sampled(seed=5) == sampled(seed=5)
+
+
+def test_slots_not_divisible_by_the_mesh_are_padded(models):
+    """dp on 8 devices with 3 slots: the compiled state has 8 rows, the 5 beyond the slots
+    inert (done, never admitted); the full run is in test_variants.py (slow)."""
+    target, draft = models
+    eng = Engine(target, draft, SpecConfig(method="draft", k=2), slots=3, max_len=64,
+                 prefill_buckets=(32,), mesh="dp")
+    assert eng.slots == 3 and len(eng._running) == 3
+    assert eng.state.done_B.shape == (8,) and bool(np.all(np.asarray(eng.state.done_B)))
+    assert eng.state.done_B.sharding.spec == eng.plan.spec(("batch",))

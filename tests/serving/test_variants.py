@@ -34,7 +34,7 @@ def test_tree_engine_equals_tree_decoder(models, prompts):
         assert ev.stats["accepted_per_position"] == r.stats["accepted_per_position"]
 
 
-@pytest.mark.parametrize("mesh,slots", [("dp", 8), ("ep", 4)])
+@pytest.mark.parametrize("mesh,slots", [("dp", 8), ("ep", 4), ("dp", 3), ("fsdp_ep", 3)])
 def test_mesh_engine_equals_single_device(models, prompts, reference, mesh, slots):
     target, draft = models
     ps = prompts[:6]
