@@ -59,17 +59,16 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
     for wname, prompts in loads.items():
         batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
         ar_tokens, ar_rate, wrows = None, None, []
+        ref: dict[int, list] = {}  # AR outputs per batch: the oracle's reference
         for c in ["none"] + [c for c in configs if c != "none"]:
             dec = _decoder(target, draft, method, c, k_max, oracle_acceptance, max_len)
 
-            def gen(bt, dec=dec, c=c):
+            def gen(bt, dec=dec, c=c, ref=ref):
                 kw = {}
                 if method == "oracle" and c != "none":
                     kw["oracle_reference"] = [p + t for p, t in zip(bt, ref[id(bt)])]
                 return dec.generate(bt, max_new, **kw)
 
-            if c == "none":
-                ref = {}
             gen(batches[0])  # warm-up: compile (and auto's cost measurement)
             toks, rates, acc, its, dec_ks = [], [], 0, 0, []
             for bt in batches:

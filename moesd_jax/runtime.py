@@ -51,7 +51,8 @@ class LoadedModels:
 def load_models(model: str | None = None, draft: str | None = None, spec: str | None = None,
                 k: int = 4, tree: str | None = None, dispatch: str | None = None,
                 ngram_n: int = 2, mesh=None, param_dtype: str | None = "auto",
-                budget: int | None = None, budget_policy: str = "prune") -> LoadedModels:
+                budget: int | None = None, budget_policy: str = "prune",
+                auto: bool = False, auto_costs: str = "measured") -> LoadedModels:
     """Loads the target (and draft) from orbax checkpoints or HF directories.
 
     Args:
@@ -83,7 +84,8 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         raise ConfigError(f"--draft given but --spec={spec!r}; use --spec draft (or eagle)")
     if spec == "eagle" and not draft:
         raise ConfigError("--spec eagle needs --draft PATH_TO_EAGLE_HEAD_DIR")
-    spec_cfg = SpecConfig(method=spec, k=k, tree=tree, ngram_n=ngram_n)
+    spec_cfg = SpecConfig(method=spec, k=k, tree=tree, ngram_n=ngram_n, auto=auto,
+                          auto_costs=auto_costs)
     spec_cfg.validate()
     if not Path(target_path).exists():
         raise ConfigError(f"--model {target_path!r} does not exist")

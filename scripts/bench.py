@@ -101,6 +101,20 @@ def main(argv=None) -> int:
     cm.add_argument("--save-calibration", default=None,
                     help="also write the cpu-measured calibration JSON here")
     cm.add_argument("--json", action="store_true")
+    ut = sub.add_parser("utility", help="--k auto vs AR and static K on code / shuffled / "
+                        "mixed prompts (bundled pair) or the oracle on the bench shape")
+    ut.add_argument("--model", default=None, help="target (default: bundled)")
+    ut.add_argument("--draft", default=None, help="draft (default: bundled)")
+    ut.add_argument("--bench-shape", action="store_true",
+                    help="the memory-bound MoE shape of bench.py decode with the oracle "
+                    "drafter at --oracle-acceptance (random weights and prompts)")
+    ut.add_argument("--oracle-acceptance", type=float, nargs="+", default=[0.8, 0.2])
+    ut.add_argument("--prompts", type=int, default=40)
+    ut.add_argument("--prompt-tokens", type=int, default=64)
+    ut.add_argument("--max-new-tokens", type=int, default=64)
+    ut.add_argument("--batch", type=int, default=10)
+    ut.add_argument("--workloads", nargs="+", default=["code", "shuffled", "mix"])
+    ut.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from moesd_jax import benchmarks
@@ -114,6 +128,8 @@ def main(argv=None) -> int:
         return decode_cmd(args)
     if args.cmd == "costmodel":
         return costmodel_cmd(args)
+    if args.cmd == "utility":
+        return utility_cmd(args)
     if args.cmd == "attention":
         return attention_cmd(args)
     if args.cmd == "hf":
@@ -219,6 +235,93 @@ def decode_cmd(args) -> int:
               f"peak RSS {max(r['peak_rss_gb'] for r in rows):.2f} GB; wrote "
               + ", ".join(str(p) for p in paths))
     return 0 if all(r["tokens_equal"] for r in rows) else 1
+
+
+def utility_cmd(args) -> int:
+    import os
+
+    import numpy as np
+
+    from moesd_jax import bench_utility as bu
+    from moesd_jax.config import ConfigError
+
+    if min(args.prompts, args.batch, args.max_new_tokens) < 1 or any(
+            not 0 <= a <= 1 for a in args.oracle_acceptance):
+        print(f"error: --prompts={args.prompts}, --batch={args.batch} and --max-new-tokens="
+              f"{args.max_new_tokens} must be >= 1, --oracle-acceptance "
+              f"{args.oracle_acceptance} in [0, 1]", file=sys.stderr)
+        return 2
+    rows = []
+
+    def show(r):
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        extra = (f"  decisions {r['auto_decisions']}: K=0 {r['auto_k0_share']:.0%}, mean K "
+                 f"{r['auto_mean_k']:.2f}" if r["config"] == "auto" else "")
+        print(f"{r['workload']:>10} {r['config']:>5} {r['tokens_per_s']:>8.1f} "
+              f"{r['speedup']:>7.2f} {r['mean_acceptance_length']:>7.2f} "
+              f"{str(r['equal_to_ar']):>5}{extra}", flush=True)
+
+    header = (f"{'workload':>10} {'K':>5} {'tok/s':>8} {'vs AR':>7} {'acc len':>7} "
+              f"{'==AR':>5}")
+    try:
+        if args.bench_shape:
+            from flax import nnx
+
+            from moesd_jax.bench_decode import bench_configs
+            from moesd_jax.models.transformer import Transformer
+            from moesd_jax.runtime import cpu_decode_layout
+
+            cfg = bench_configs()["moe"]
+            target = Transformer(cfg, nnx.Rngs(0))
+            cpu_decode_layout(target)
+            rng = np.random.default_rng(0)
+            prompts = rng.integers(1, cfg.vocab_size, (args.prompts, 16)).tolist()
+            if not args.json:
+                print(f"# utility: bench MoE shape (d 1024, 8 layers, 32 experts top-4, "
+                      f"float32, random weights), oracle drafter, {args.prompts} prompts x "
+                      f"{args.max_new_tokens} tokens, batch {args.batch}, greedy; load "
+                      f"average {os.getloadavg()[0]:.1f}")
+                print(header)
+            for a in args.oracle_acceptance:
+                rows += bu.utility_sweep(target, None, "oracle", {f"oracle-{a}": prompts},
+                                         max_new=args.max_new_tokens, batch=args.batch,
+                                         oracle_acceptance=a, progress=show)
+        else:
+            from moesd_jax.data import heldout_prompts
+            from moesd_jax.runtime import load_models
+
+            lm = load_models(args.model, args.draft, "draft")
+            tok = lm.tokenizer
+            texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
+            loads = bu.workloads([tok.encode(t) for t in texts])
+            loads = {w: loads[w] for w in args.workloads}
+            if not args.json:
+                print(f"# utility: {args.prompts} held-out prompts x {args.max_new_tokens} "
+                      f"tokens, batch {args.batch}, greedy; target {lm.target_path}, draft "
+                      f"{lm.draft_path}; load average {os.getloadavg()[0]:.1f}")
+                print(header)
+            rows += bu.utility_sweep(lm.target, lm.draft, "draft", loads,
+                                     max_new=args.max_new_tokens, batch=args.batch,
+                                     progress=show)
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verdict = []
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        auto = next(r for r in rows if r["workload"] == w and r["config"] == "auto")
+        verdict.append({"workload": w, "auto_vs_ar": auto["speedup"],
+                        "auto_vs_best_static": auto["vs_best_static"],
+                        "ok": auto["speedup"] >= 0.95 and auto["vs_best_static"] >= 0.95})
+    if args.json:
+        print(json.dumps({"verdict": verdict}))
+    else:
+        for v in verdict:
+            print(f"# {v['workload']}: auto {v['auto_vs_ar']:.2f}x AR, "
+                  f"{v['auto_vs_best_static']:.2f}x the best static config -> "
+                  f"{'ok' if v['ok'] else 'NOT within 5%'}")
+    return 0 if all(r["equal_to_ar"] for r in rows) else 1
 
 
 def costmodel_cmd(args) -> int:

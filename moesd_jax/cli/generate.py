@@ -24,6 +24,15 @@ def parse_ids(text: str) -> list[int]:
                                          "integers") from None
 
 
+def parse_k(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k {text!r} must be an integer or 'auto'") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +40,12 @@ def main(argv=None) -> int:
     ap.add_argument("--draft", help="draft checkpoint or HF dir (default: bundled draft); "
                     "with --spec eagle an EAGLE-3 head directory")
     ap.add_argument("--spec", choices=["none", "draft", "ngram", "eagle"], default=None)
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per iteration")
+    ap.add_argument("--k", type=parse_k, default=4,
+                    help="draft tokens per iteration, or 'auto' (utility-driven: each "
+                    "request drafts 1, 2 or 4 tokens or none, whichever its measured utility "
+                    "favours; spec/utility.py)")
+    ap.add_argument("--auto-costs", choices=["measured", "model"], default="measured",
+                    help="with --k auto: iteration costs timed at warm-up, or the cost model")
     ap.add_argument("--tree", default=None, help="tree name in configs/spec or a YAML path")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     ap.add_argument("--prompt-ids", action="append", type=parse_ids, default=[],
@@ -110,8 +124,10 @@ def load(args):
         from moesd_jax.distributed import initialize_distributed
 
         initialize_distributed()
-    return load_models(args.model, args.draft, args.spec, k=args.k, tree=args.tree,
-                       dispatch=args.dispatch, mesh=args.mesh)
+    auto = args.k == "auto"
+    return load_models(args.model, args.draft, args.spec, k=4 if auto else args.k,
+                       tree=args.tree, dispatch=args.dispatch, mesh=args.mesh, auto=auto,
+                       auto_costs=args.auto_costs)
 
 
 if __name__ == "__main__":

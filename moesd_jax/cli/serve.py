@@ -33,9 +33,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: the bundled target)")
     p.add_argument("--draft", help="draft checkpoint (default: the bundled draft); with "
                    "--spec eagle an EAGLE-3 head directory")
-    p.add_argument("--spec", choices=("none", "draft", "ngram", "eagle"), default="draft",
-                   help="speculation method (default: draft)")
-    p.add_argument("--k", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--spec", choices=("none", "draft", "ngram", "eagle"), default=None,
+                   help="speculation method (default: draft, with --k auto)")
+    p.add_argument("--k", default=None,
+                   help="draft tokens per step, or 'auto': utility-driven K per request (1, "
+                   "2 or 4 drafts, or none where speculation loses; spec/utility.py). "
+                   "Default: auto with no --spec, else 4")
+    p.add_argument("--auto-costs", choices=("measured", "model"), default="measured",
+                   help="with --k auto: iteration costs timed at start-up (default) or the "
+                   "cost model")
     p.add_argument("--tree", help="draft tree: a name in configs/spec/ or a YAML path")
     p.add_argument("--mesh", help="device mesh / sharding strategy YAML (configs/mesh/)")
     p.add_argument("--slots", type=int, default=4, help="concurrent sequences (static batch)")
@@ -75,7 +81,11 @@ def main(argv=None) -> int:
     if args.compile_cache != "off":
         engine.enable_compilation_cache(args.compile_cache)
     try:
-        spec = SpecConfig(method=args.spec, k=args.k, tree=args.tree)
+        k = args.k if args.k is not None else ("auto" if args.spec is None else "4")
+        if k != "auto" and not k.lstrip("-").isdigit():
+            raise ValueError(f"--k {k!r} must be an integer or 'auto'")
+        spec = SpecConfig(method=args.spec or "draft", k=4 if k == "auto" else int(k),
+                          tree=args.tree, auto=k == "auto", auto_costs=args.auto_costs)
         spec.validate()
         buckets = None
         if args.prefill_buckets:
@@ -91,7 +101,8 @@ def main(argv=None) -> int:
     eng.start()
 
     def ready(url: str) -> None:
-        print(f"moesd_jax serving {name} at {url} (spec={spec.method} k={eng.cfg.k_eff} "
+        kdesc = f"auto {list(spec.candidates)}" if spec.auto else eng.cfg.k_eff
+        print(f"moesd_jax serving {name} at {url} (spec={spec.method} k={kdesc} "
               f"slots={eng.slots} max_len={eng.max_len}; ready in "
               f"{time.perf_counter() - t0:.1f} s)", flush=True)
 

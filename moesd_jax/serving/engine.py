@@ -70,9 +70,10 @@ from moesd_jax.serving.slots import (  # noqa: F401
     retire,
     token_tail,
 )
-from moesd_jax.spec import loop
+from moesd_jax.spec import loop, utility
 from moesd_jax.spec.decoder import SpecDecoder
 from moesd_jax.spec.loop import DecodeState, Stats
+from moesd_jax.spec.utility import Controller
 
 log = logging.getLogger("moesd_jax.serving")
 
@@ -178,6 +179,8 @@ class Engine:
     # ----------------------------------------------------------------- compiled pieces
     @staticmethod
     def _admit_impl(cfg, target, draft, state, slot, *prefill_args):
+        if cfg.utility is not None:  # the row's costs are unused: the batch keeps its own
+            prefill_args = prefill_args[:8] + (None, None, state.controller.cost_K)
         row = loop.prefill(cfg, target, draft, *prefill_args)
         return insert(state, row, slot)
 
@@ -191,7 +194,8 @@ class Engine:
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
         shapes = jax.eval_shape(
             functools.partial(loop.prefill, self.cfg), self._target, self._draft, i32(b, p),
-            i32(b), i32(b), f32(b), i32(b), f32(b), i32(b), i32(b, self.cfg.max_stop))
+            i32(b), i32(b), f32(b), i32(b), f32(b), i32(b), i32(b, self.cfg.max_stop),
+            *(() if self.cfg.utility is None else (None, None, f32(self.cfg.k + 1))))
         return shapes
 
     def _plan_shardings(self) -> DecodeState:
@@ -207,7 +211,7 @@ class Engine:
                 out[f.name] = None
             elif isinstance(x, KVCache):
                 out[f.name] = plan.cache_shardings()
-            elif isinstance(x, Stats):
+            elif isinstance(x, (Stats, Controller)):
                 out[f.name] = x.replace(**{
                     g.name: rows(getattr(x, g.name)) if is_row_field(g.name) else replicated
                     for g in dataclasses.fields(x)})
@@ -221,6 +225,11 @@ class Engine:
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         state = state.replace(done_B=jnp.ones((b,), bool),
                               stop_ids_BP=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
+        if self.cfg.utility is not None:  # --k auto: iteration costs at this batch size
+            costs = jnp.asarray(self.decoder.utility_costs(b))
+            log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
+                     np.round(np.asarray(costs), 3).tolist())
+            state = state.replace(controller=state.controller.replace(cost_K=costs))
         if self._state_shardings is not None:
             return jax.device_put(state, self._state_shardings)
         return state if self._sharding is None else jax.device_put(state, self._sharding)
@@ -424,6 +433,8 @@ class Engine:
         plan = self.policy.plan(self, list(self._running))
         k = self.cfg.k_eff
         active = np.array([r is not None for r in self._running])
+        if self.cfg.utility is not None:  # --k auto: the loop's controller picks each K
+            active = np.zeros_like(active)
         if np.any(plan.k_B[active] != k) or plan.budget is not None:
             raise NotImplementedError(
                 "per-slot K and expert budgets are not supported by the compiled step yet "
@@ -568,12 +579,17 @@ class Engine:
             "accepted_tokens": ac,
             "accepted_per_position": [int(x) for x in ap[:npos]] if k else [],
             "mean_acceptance_length": (1.0 + ac / it) if it else 1.0,
-        }
+        } | ({"utility": getattr(h, "utility", [])} if self.cfg.utility is not None else {})
 
     def _finish(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
         if h.finished:
             return
         h.finished = True
+        if self.cfg.utility is not None and h.slot is not None and error is None:
+            dec = utility.decisions(jax.device_get(self.state.controller), h.slot)
+            h.utility = dec
+            log.info("%s utility decisions (iteration, K, utility): %s", h.request_id,
+                     [(d["iteration"], d["k"], round(d["utility"], 3)) for d in dec])
         with self.lock:
             self.counters.finished[reason] += 1
         h.push(StreamEvent([], finished=True, finish_reason=reason,

@@ -176,8 +176,11 @@ class EnginePolicy:
     over the K_max draft positions in the DecodeState (masked drafts must dispatch to no
     expert), and the budget a static argument choosing one of a few compiled variants.
 
-    The loop does not take a K mask or a budget yet, so the engine accepts only the plan
-    of this default policy (every active slot at K_max, no budget) and raises otherwise.
+    With ``--k auto`` (``SpecConfig.auto``) the per-slot K is decided on the device by
+    the loop's utility controller (``spec/utility.py``: test/set phases, K = 0 where
+    speculation loses, masked drafts dispatch to no expert) and the plan's K is ignored.
+    Otherwise the engine accepts only the plan of this default policy (every active slot
+    at K_max, no budget) and raises for any other.
     """
 
     def plan(self, engine: Engine, requests: Sequence[RequestHandle | None]) -> StepPlan:

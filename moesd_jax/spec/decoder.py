@@ -33,8 +33,11 @@ from moesd_jax.config import SpecConfig
 from moesd_jax.distributed import process_allgather
 from moesd_jax.kv_cache import KVCache
 from moesd_jax.models.transformer import Transformer
+from moesd_jax.spec import utility as spec_utility
 from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
+from moesd_jax.spec.proposers import model_cfg as proposers_model_cfg
 from moesd_jax.spec.tree import load_tree
+from moesd_jax.spec.utility import UtilityConfig
 
 CAPACITY_BUCKET = 128  # cache capacities are multiples of this (compiled-program reuse)
 
@@ -192,11 +195,18 @@ class SpecDecoder:
             self.draft = eagle_params(draft, target)
         tc = target.cfg
         self.fixed_max_len = max_len is not None
+        ucfg = None
+        if spec.auto:
+            spec.validate()
+            ucfg = UtilityConfig(candidates=spec.candidates, test_iters=spec.auto_test_iters,
+                                 set_iters=spec.auto_set_iters)
+            k = ucfg.k_max
         self.cfg = LoopConfig(method=spec.method, k=k, max_len=max_len or tc.max_seq_len,
                               vocab=tc.vocab_size, ngram_n=spec.ngram_n, max_stop=max_stop,
                               num_experts=tc.moe.num_experts if tc.moe else 0, tree=tree,
                               oracle_acceptance=spec.oracle_acceptance if spec.method == "oracle"
-                              else 0.0, plan=self.plan, **budget_fields(tc))
+                              else 0.0, plan=self.plan, utility=ucfg, **budget_fields(tc))
+        self._costs: dict[int, np.ndarray] = {}
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0
@@ -315,6 +325,35 @@ class SpecDecoder:
         """Rows of a compiled batch are a multiple of this (the mesh's ``batch`` axis)."""
         return 1 if self.plan is None else self.plan.size("batch")
 
+    def utility_costs(self, batch: int) -> np.ndarray:
+        """Iteration costs cost(K), K = 0..K_max, for ``--k auto`` at ``batch`` rows
+        (``spec/utility.py``): forwards timed on this device the first time a batch size
+        is seen (``auto_costs: measured``) or the cost model (``model``); cached."""
+        if batch not in self._costs:
+            k_max = self.cfg.k
+            if self.spec.auto_costs == "model":
+                from moesd_jax.analysis.cost_model import preset
+
+                draft_cfg = (proposers_model_cfg(*self.draft) if self.cfg.method == "draft"
+                             else None)
+                c = spec_utility.model_costs(proposers_model_cfg(*self.target),
+                                             preset(self.spec.auto_hardware), batch, k_max,
+                                             draft_cfg)
+            else:
+                c = spec_utility.measured_costs(
+                    self.target, self.draft if self.cfg.method == "draft" else None, batch,
+                    k_max, capacity=min(256, self.cfg.max_len))
+            self._costs[batch] = c
+        return self._costs[batch]
+
+    def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
+        """Trailing ``prefill`` arguments past the per-row arrays: with ``cfg.utility``,
+        (oracle reference or None, no fixed per-row limits, the iteration costs)."""
+        if cfg.utility is None:
+            return ()
+        ref = () if len(prepared) > 8 else (None,)
+        return ref + (None, jnp.asarray(self.utility_costs(rows)))
+
     def generate_state(self, *prepared, cfg: LoopConfig | None = None) -> DecodeState:
         """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call).
 
@@ -325,11 +364,14 @@ class SpecDecoder:
         """
         cfg = cfg or self.cfg
         if self.plan is None:
-            return self._fn(cfg, self.target, self.draft, *prepared)
+            extra = self._extra_args(cfg, prepared, int(np.shape(prepared[0])[0]))
+            return self._fn(cfg, self.target, self.draft, *prepared, *extra)
         n, b = self.batch_multiple, int(np.shape(prepared[0])[0])
         prepared = pad_rows(prepared, -(-b // n) * n)
+        extra = self._extra_args(cfg, prepared, int(np.shape(prepared[0])[0]))
         with self.plan.activate():  # the mesh; the plan itself is cfg.plan
-            return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared))
+            return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared),
+                            *extra)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  oracle_reference: Sequence[Sequence[int]] | None = None,
@@ -369,6 +411,8 @@ class SpecDecoder:
         seq_len = np.asarray(state.seq_len_B)
         out = []
         for i, p in enumerate(prompts):
-            out.append(GenerationResult(tokens[i, len(p): seq_len[i]].tolist(),
-                                        row_stats(state, i, self.cfg.accept_positions)))
+            st = row_stats(state, i, self.cfg.accept_positions)
+            if state.controller is not None:  # --k auto: the row's decisions
+                st["utility"] = spec_utility.decisions(state.controller, i)
+            out.append(GenerationResult(tokens[i, len(p): seq_len[i]].tolist(), st))
         return out

@@ -125,3 +125,24 @@ def test_slots_not_divisible_by_the_mesh_are_padded(models):
     assert eng.slots == 3 and len(eng._running) == 3
     assert eng.state.done_B.shape == (8,) and bool(np.all(np.asarray(eng.state.done_B)))
     assert eng.state.done_B.sharding.spec == eng.plan.spec(("batch",))
+
+
+def test_engine_k_auto_matches_reference(models, prompts, reference):
+    """--k auto in the engine: the controller runs inside the compiled step (per-slot K,
+    plain decoding where drafting loses), outputs equal the reference, and each request's
+    decisions come back in its stats."""
+    target, draft = models
+    spec = SpecConfig(method="draft", k=2, auto=True, auto_candidates=(1, 2),
+                      auto_set_iters=3)
+    eng = Engine(target, draft, spec, slots=2, max_len=128, prefill_buckets=BUCKETS[:1])
+    costs = eng.decoder.utility_costs(2)  # timed at construction
+    assert costs.shape == (3,) and costs[0] == 1.0
+    eng.start(precompile=False)
+    try:
+        hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
+        outs = [h.result(timeout=300) for h in hs]
+    finally:
+        eng.shutdown(drain=False)
+    for i, ev in enumerate(outs):
+        assert ev.all_token_ids == reference[i]
+        assert ev.stats["utility"] and {d["k"] for d in ev.stats["utility"]} <= {0, 1, 2}

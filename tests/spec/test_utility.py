@@ -113,3 +113,27 @@ def test_auto_k_sampled_is_lossless():
     print(f"auto K sampled: chi-square p = {p:.3f}; rows choosing K=0/1/2: "
           f"{[(chosen == k).sum() for k in (0, 1, 2)]}")
     assert p >= 1e-3
+
+
+def test_decoder_k_auto(setup):
+    """``SpecConfig(auto=True)`` through SpecDecoder.generate: greedy == AR, every row's
+    decisions in its stats; costs from the cost model here (the engine test times them)."""
+    dec0, prompts, ar = setup
+    target = nnx_merge(dec0.target)
+    draft = nnx_merge(dec0.draft)
+    dec = SpecDecoder(target, draft, SpecConfig(method="draft", k=4, auto=True,
+                                                auto_set_iters=4, auto_costs="model",
+                                                auto_hardware="h100"), max_len=64)
+    assert dec.cfg.utility.candidates == (1, 2, 4) and dec.cfg.k == 4
+    res = dec.generate(prompts, 20)
+    assert [r.token_ids for r in res] == ar
+    costs = dec.utility_costs(len(prompts))
+    assert costs[0] == 1.0 and costs.shape == (5,) and (costs[1:] > 0).all()
+    for r in res:
+        assert r.stats["utility"] and {d["k"] for d in r.stats["utility"]} <= {0, 1, 2, 4}
+
+
+def nnx_merge(pieces):
+    from flax import nnx
+
+    return nnx.merge(*pieces)
