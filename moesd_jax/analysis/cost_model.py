@@ -94,6 +94,11 @@ class Hardware:
         once per step even when the engine runs it in several row chunks).
       expert_row_chunks: the engine computes experts in row chunks
         (``models.moe.row_chunk``; CPU ``gather``), each chunk one dot per weight matrix.
+      chunks_cold, chunks_hot: measured ``(expert bytes, rows, seconds)`` of one row
+        chunk of the engine's ``gather`` dispatch (the expert's three SwiGLU dots plus its
+        loop and branch overhead), the expert read from memory (its first chunk in a
+        step) or already in cache (its later chunks); used instead of the dot tables for
+        routed experts when present.
       hbm_bytes: memory of one chip (informational). source: where figures come from.
     """
 
@@ -106,6 +111,8 @@ class Hardware:
     dots_hot: tuple[Dot, ...] = ()
     cache_bytes: int = 0
     expert_row_chunks: bool = False
+    chunks_cold: tuple[Dot, ...] = ()
+    chunks_hot: tuple[Dot, ...] = ()
     hbm_bytes: int = 0
     source: str = ""
 
@@ -120,16 +127,24 @@ class Hardware:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        for f in ("dots_cold", "dots_hot"):
+        for f in ("dots_cold", "dots_hot", "chunks_cold", "chunks_hot"):
             d[f] = [list(x) for x in getattr(self, f)]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> Hardware:
         d = dict(d)
-        for f in ("dots_cold", "dots_hot"):
+        for f in ("dots_cold", "dots_hot", "chunks_cold", "chunks_hot"):
             d[f] = tuple((int(b), int(r), float(t)) for b, r, t in d.get(f, ()))
         return cls(**d)
+
+    def chunk_time(self, expert_bytes: int, rows: int, hot: bool) -> float | None:
+        """Seconds of one engine row chunk of an expert of ``expert_bytes`` (None: not
+        measured)."""
+        tab = self.chunks_hot if hot else self.chunks_cold
+        if not tab:
+            return None
+        return expert_bytes * _interp_per_byte(tab, expert_bytes, rows)
 
 
 def _interp_per_byte(tab: Sequence[Dot], nbytes: float, rows: float) -> float:
@@ -248,6 +263,48 @@ def measure_dots(shapes: Sequence[tuple[int, int]] = DOT_SHAPES,
     return out
 
 
+def measure_expert_chunks(d: int = 1024, f: int = 1024, experts: int = 64,
+                          rows: Sequence[int] = (1, 2, 4, 8), repeats: int = 3
+                          ) -> tuple[list[Dot], list[Dot]]:
+    """One row chunk of the engine's ``gather`` dispatch (``models.moe.dispatch_gather``
+    with per-expert weight arrays, as CPU decoding holds them), measured: (cold, hot)
+    ``(expert bytes, rows, seconds)``.
+
+    Cold: ``experts * c`` tokens routed top-1 so that every expert gets exactly c rows,
+    one chunk each, each expert read from memory (``experts`` x 12 MB > any cache). Hot:
+    the same number of tokens on ``experts / 8`` experts, 8 chunks each; the first is
+    cold, the other 7 find the expert in cache.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from moesd_jax.models.moe import dispatch_gather
+
+    rng = np.random.default_rng(0)
+    mk = lambda *shape: tuple(jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[0]),  # noqa: E731
+                                          jnp.float32) for _ in range(experts))
+    wg, wu, wd = mk(d, f), mk(d, f), mk(f, d)
+    fn = jax.jit(lambda x, ids, w: dispatch_gather(x, wg, wu, wd, ids, w))
+    nb = 3 * d * f * 4
+    cold, hot = [], []
+    for c in rows:
+        t = experts * c
+        x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+        w = jnp.ones((t, 1), jnp.float32)
+        spread = jnp.asarray(np.repeat(np.arange(experts), c)[:, None], jnp.int32)
+        few = jnp.asarray(np.repeat(np.arange(experts // 8), 8 * c)[:, None], jnp.int32)
+        def run(ids, x=x, w=w):
+            return lambda: jax.block_until_ready(fn(x, ids, w))
+
+        tc = _median_time(run(spread), repeats) / experts
+        tf = _median_time(run(few), repeats)
+        n_few = experts // 8
+        th = max(tf - n_few * tc, 0.0) / (n_few * 7)
+        cold.append((nb, int(c), tc))
+        hot.append((nb, int(c), th))
+    return cold, hot
+
+
 def calibrate_cpu(repeats: int = 3) -> Hardware:
     """``cpu-measured``: this machine's read bandwidth, dot tables (weights from memory
     and from cache), last-level cache size, and the fixed overheads of a forward (per
@@ -259,9 +316,11 @@ def calibrate_cpu(repeats: int = 3) -> Hardware:
     hot = measure_dots(shapes=DOT_SHAPES[:1], hot=True, repeats=repeats)
     peak = max(2.0 * r * nb / 4 / t for nb, r, t in cold + hot)
     step_oh, layer_oh = _measure_overheads(repeats)
+    ch_cold, ch_hot = measure_expert_chunks(repeats=repeats)
     return Hardware(name="cpu-measured", peak_flops=peak, mem_bandwidth=bw,
                     step_overhead_s=step_oh, layer_overhead_s=layer_oh, dots_cold=tuple(cold),
                     dots_hot=tuple(hot), cache_bytes=_llc_bytes(), expert_row_chunks=True,
+                    chunks_cold=tuple(ch_cold), chunks_hot=tuple(ch_hot),
                     source=f"calibrate_cpu() on {os.uname().nodename}, {os.cpu_count()} CPUs, "
                            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
 
@@ -453,9 +512,15 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
                 chunks = sum(ul + max(routed_rows - ul, 0.0) / c for ul in u_layers)
             first = sum(u_layers)  # each expert's first chunk reads it from memory
             later_hot = pe * wb <= hw.cache_bytes
-            parts["experts"] = _add(
-                _dots(hw, mlp(m.expert_dim), c, wb, first),
-                _dots(hw, mlp(m.expert_dim), c, wb, chunks - first, hot=later_hot))
+            t_cold = hw.chunk_time(pe * wb, c, hot=False)
+            if t_cold is not None:  # measured engine chunks
+                t_later = hw.chunk_time(pe * wb, c, hot=later_hot)
+                parts["experts"] = Part(chunks * pe * wb, chunks * 2 * c * pe,
+                                        first * t_cold + (chunks - first) * t_later)
+            else:
+                parts["experts"] = _add(
+                    _dots(hw, mlp(m.expert_dim), c, wb, first),
+                    _dots(hw, mlp(m.expert_dim), c, wb, chunks - first, hot=later_hot))
         else:  # one grouped matmul per layer: unique experts' bytes, routed rows' FLOPs
             parts["experts"] = _roof(hw, sum(u_layers) * pe * wb, 2 * routed_rows * n_moe * pe)
         if m.shared_expert_dim:
@@ -498,6 +563,23 @@ def expected_tokens(acceptance: float | Sequence[float], k: int) -> float:
     return sigma
 
 
+def iteration_costs(t_target, t_draft: float, k_max: int) -> np.ndarray:
+    """cost(K) of one SD iteration relative to a plain decode step, K = 0..K_max:
+    ``(K t_draft + t_target(K + 1)) / t_target(1)`` (cost(0) = 1), from target forward
+    times by token count (a callable or a dict ``T -> seconds``: modelled here or timed
+    on the device) and the draft's step time. The denominator of :func:`sd_speedup` and
+    the utility controller's costs (``spec/utility.py``)."""
+    tt = t_target.__getitem__ if isinstance(t_target, dict) else t_target
+    t1 = tt(1)
+    return np.asarray([1.0] + [iteration_cost(t1, tt(k + 1), t_draft, k)
+                               for k in range(1, k_max + 1)], np.float32)
+
+
+def iteration_cost(t_step: float, t_verify: float, t_draft: float, k: int) -> float:
+    """One SD iteration (K draft steps + a (K+1)-token verification) over a plain step."""
+    return (k * t_draft + t_verify) / t_step
+
+
 def sd_speedup(cfg: ModelConfig, hw: Hardware, batch: int, k: int,
                acceptance: float | Sequence[float], draft: ModelConfig | float | None = None,
                context: int = 512, **kw) -> dict:
@@ -519,7 +601,8 @@ def sd_speedup(cfg: ModelConfig, hw: Hardware, batch: int, k: int,
     else:
         td = float(draft) * t1
     sigma = expected_tokens(acceptance, k)
-    return {"speedup": sigma * t1 / (k * td + tv), "sigma": sigma,
+    cost = iteration_cost(t1, tv, td, k)
+    return {"speedup": sigma / cost, "sigma": sigma,
             "target_efficiency": t1 / tv, "t_step_s": t1, "t_verify_s": tv, "t_draft_s": td}
 
 

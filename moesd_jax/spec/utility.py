@@ -170,13 +170,11 @@ def decisions(c: Controller, row: int) -> list[dict]:
 
 
 def costs_from_times(t_target, t_draft: float, k_max: int) -> np.ndarray:
-    """cost(K) for K = 0..K_max: ``(K t_draft + t_target(K + 1)) / t_target(1)``, from a
-    target forward time per token count (a callable or a dict ``T -> seconds``) and the
-    draft's per-token step time (0 for a model-free drafter)."""
-    tt = t_target.__getitem__ if isinstance(t_target, dict) else t_target
-    t1 = tt(1)
-    return np.asarray([1.0] + [(k * t_draft + tt(k + 1)) / t1 for k in range(1, k_max + 1)],
-                      np.float32)
+    """cost(K), K = 0..K_max, from forward times: ``analysis.cost_model.iteration_costs``
+    (the one formula; here fed by times measured on the device or modelled)."""
+    from moesd_jax.analysis.cost_model import iteration_costs
+
+    return iteration_costs(t_target, t_draft, k_max)
 
 
 def model_costs(target_cfg, hw, batch: int, k_max: int, draft=None,
