@@ -89,7 +89,9 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
                    "speedup": rate / ar_rate, "mean_acceptance_length": 1 + acc / max(its, 1),
                    "equal_to_ar": toks == ar_tokens}
             if c == "auto":
-                row |= {"auto_decisions": len(dec_ks),
+                row |= {"auto_costs": [round(float(x), 3) for x in dec.utility_costs(
+                            min(batch, len(batches[0])))],
+                        "auto_decisions": len(dec_ks),
                         "auto_k0_share": float(np.mean([k == 0 for k in dec_ks]))
                         if dec_ks else float("nan"),
                         "auto_mean_k": float(np.mean(dec_ks)) if dec_ks else float("nan")}

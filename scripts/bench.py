@@ -258,7 +258,8 @@ def utility_cmd(args) -> int:
             print(json.dumps(r), flush=True)
             return
         extra = (f"  decisions {r['auto_decisions']}: K=0 {r['auto_k0_share']:.0%}, mean K "
-                 f"{r['auto_mean_k']:.2f}" if r["config"] == "auto" else "")
+                 f"{r['auto_mean_k']:.2f}; cost(K) {r['auto_costs']}"
+                 if r["config"] == "auto" else "")
         print(f"{r['workload']:>10} {r['config']:>5} {r['tokens_per_s']:>8.1f} "
               f"{r['speedup']:>7.2f} {r['mean_acceptance_length']:>7.2f} "
               f"{str(r['equal_to_ar']):>5}{extra}", flush=True)
@@ -457,8 +458,9 @@ def batch_cmd(args, benchmarks) -> int:
         tok = lm.tokenizer
         if tok is None:
             raise ValueError(f"{lm.target_path} has no tokenizer: held-out prompts need one")
-        texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
-        prompts = [tok.encode(t) for t in texts]
+        # the held-out files give ~500 distinct prompts; larger jobs cycle through them
+        texts = heldout_prompts(tok, n=min(args.prompts, 500), prompt_tokens=args.prompt_tokens)
+        prompts = [tok.encode(texts[i % len(texts)]) for i in range(args.prompts)]
         res = benchmarks.batch_job_vs_spec(lm.target, lm.draft, prompts, args.k,
                                            args.max_new_tokens, args.batch_size, tok)
     except (ValueError, ConfigError) as e:

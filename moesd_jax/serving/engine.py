@@ -226,7 +226,7 @@ class Engine:
         state = state.replace(done_B=jnp.ones((b,), bool),
                               stop_ids_BP=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
         if self.cfg.utility is not None:  # --k auto: iteration costs at this batch size
-            costs = jnp.asarray(self.decoder.utility_costs(b))
+            costs = jnp.asarray(self.decoder.utility_costs(b, per_call=True))
             log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
                      np.round(np.asarray(costs), 3).tolist())
             state = state.replace(controller=state.controller.replace(cost_K=costs))

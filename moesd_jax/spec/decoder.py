@@ -325,11 +325,14 @@ class SpecDecoder:
         """Rows of a compiled batch are a multiple of this (the mesh's ``batch`` axis)."""
         return 1 if self.plan is None else self.plan.size("batch")
 
-    def utility_costs(self, batch: int) -> np.ndarray:
+    def utility_costs(self, batch: int, per_call: bool = False) -> np.ndarray:
         """Iteration costs cost(K), K = 0..K_max, for ``--k auto`` at ``batch`` rows
-        (``spec/utility.py``): forwards timed on this device the first time a batch size
-        is seen (``auto_costs: measured``) or the cost model (``model``); cached."""
-        if batch not in self._costs:
+        (``spec/utility.py``): decode iterations timed on this device the first time a
+        batch size is seen (``auto_costs: measured``; inside the generate loop, or with
+        ``per_call`` as separately dispatched steps, as the server runs them) or the cost
+        model (``model``); cached."""
+        key = (batch, per_call)
+        if key not in self._costs:
             k_max = self.cfg.k
             if self.spec.auto_costs == "model":
                 from moesd_jax.analysis.cost_model import preset
@@ -340,11 +343,73 @@ class SpecDecoder:
                                              preset(self.spec.auto_hardware), batch, k_max,
                                              draft_cfg)
             else:
-                c = spec_utility.measured_costs(
-                    self.target, self.draft if self.cfg.method == "draft" else None, batch,
-                    k_max, capacity=min(256, self.cfg.max_len))
-            self._costs[batch] = c
-        return self._costs[batch]
+                c = self._timed_iteration_costs(batch, per_call)
+            self._costs[key] = c
+        return self._costs[key]
+
+    def _timed_iteration_costs(self, batch: int, per_call: bool, steps: int = 8) -> np.ndarray:
+        """cost(K) from whole iterations timed on this device at ``batch`` rows, for each
+        branch K of the utility program (0 = plain decoding), over the K = 0 iteration; Ks
+        between branches interpolated. Whole iterations, not forwards: the drafter's
+        levels, sampling, acceptance and commit are part of what speculation costs. With
+        ``per_call`` each iteration is one dispatched ``loop.step`` (the server); else the
+        per-iteration time inside the generate loop (two generate lengths, one program)."""
+        import time
+
+        from moesd_jax.spec.loop import prefill, step
+
+        u = self.cfg.utility
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(1, self.cfg.vocab, (batch, 16)).tolist()
+        max_new = steps * (u.k_max + 1) + 8
+        prepared = self.prepare(prompts, max_new, stop_token_ids=[])
+        base = self.loop_config([16] * batch, [max_new] * batch)
+        ref = ((jnp.asarray(np.concatenate([np.asarray(prompts)] * 8, axis=1)),)
+               if self.cfg.method == "oracle" else ())
+        times = {}
+        for k in u.branch_ks:
+            cfg = dataclasses.replace(base, utility=None, k=k, tree=None,
+                                      method="none" if k == 0 else base.method)
+            if not per_call:
+                times[k] = self._loop_iteration_time(cfg, prepared, ref)
+                continue
+            s = jax.jit(prefill, static_argnums=0)(cfg, self.target, self.draft, *prepared,
+                                                   *ref)
+            fn = jax.jit(step, static_argnums=0, donate_argnums=3)
+            s = jax.block_until_ready(fn(cfg, self.target, self.draft, s))  # compile
+            ts = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                s = jax.block_until_ready(fn(cfg, self.target, self.draft, s))
+                ts.append(time.perf_counter() - t0)
+            times[k] = float(np.median(ts))
+        ks = sorted(times)
+        t = np.interp(np.arange(u.k_max + 1), ks, [times[k] for k in ks])
+        return (t / t[0]).astype(np.float32)
+
+    def _loop_iteration_time(self, cfg: LoopConfig, prepared: tuple, ref: tuple,
+                             repeats: int = 3) -> float:
+        """Seconds per iteration of ``cfg``'s generate loop: (t(all new tokens) -
+        t(prefill only)) / iterations, medians, one compiled program."""
+        import time
+
+        short = list(prepared)
+        short[2] = jnp.ones_like(prepared[2])  # max_new 1: prefill, no iteration
+
+        def run(args):
+            return jax.block_until_ready(self._fn(cfg, self.target, self.draft, *args, *ref))
+
+        run(prepared)  # compile
+        t_full, t_pre, iters = [], [], 1
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            st = run(prepared)
+            t_full.append(time.perf_counter() - t0)
+            iters = max(int(st.stats.verify_steps), 1)
+            t0 = time.perf_counter()
+            run(tuple(short))
+            t_pre.append(time.perf_counter() - t0)
+        return max(float(np.median(t_full) - np.median(t_pre)), 1e-9) / iters
 
     def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
         """Trailing ``prefill`` arguments past the per-row arrays: with ``cfg.utility``,

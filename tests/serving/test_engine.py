@@ -135,7 +135,7 @@ def test_engine_k_auto_matches_reference(models, prompts, reference):
     spec = SpecConfig(method="draft", k=2, auto=True, auto_candidates=(1, 2),
                       auto_set_iters=3)
     eng = Engine(target, draft, spec, slots=2, max_len=128, prefill_buckets=BUCKETS[:1])
-    costs = eng.decoder.utility_costs(2)  # timed at construction
+    costs = eng.decoder.utility_costs(2, per_call=True)  # timed at construction
     assert costs.shape == (3,) and costs[0] == 1.0
     eng.start(precompile=False)
     try:
