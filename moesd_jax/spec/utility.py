@@ -17,8 +17,11 @@ down.
 batch's rows test together and the AR program runs when every row has chosen K = 0):
 a *test* phase of ``test_iters`` iterations drafts K_max for every row and records each
 row's accepted counts; at its end each row takes the K (0 or a candidate) with the best
-utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. A row
-that has not been tested yet (it joined mid-phase) drafts K_max.
+utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. When
+every row that was tested chose K = 0, the next set phase is twice as long (up to
+``max_backoff`` x ``set_iters``: speculation that keeps losing is re-tested ever more
+rarely, so its tests cost little); any other decision resets it. A row that has not been
+tested yet (it joined mid-phase) drafts K_max.
 
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
@@ -28,7 +31,8 @@ decodes plainly the draft model does not run; its cache catches up over the skip
 tokens (one window forward) when drafting resumes.
 
 Phase lengths and candidates are ours (Cascade's are not in our copy of the paper):
-test 2 iterations, set 24, candidates (1, 2, 4) capped at the program's K.
+test 2 iterations, set 24 (up to 8 x 24 while every row chooses K = 0), candidates
+(1, 2, 4) capped at the program's K.
 """
 
 from __future__ import annotations
@@ -50,29 +54,29 @@ class UtilityConfig:
         program's K_max, drafted during tests. 0 (plain decoding) is always a choice.
       test_iters: iterations of a test phase.
       set_iters: iterations a decision holds before the batch re-tests.
+      max_backoff: the longest set phase, in units of ``set_iters``, after repeated
+        all-zero decisions.
       log_slots: decisions kept per row (the decision trace; the newest overwrite).
     """
 
     candidates: tuple[int, ...] = (1, 2, 4)
     test_iters: int = 2
     set_iters: int = 24
+    max_backoff: int = 8
     log_slots: int = 16
 
     def validate(self) -> None:
         c = self.candidates
         if not c or list(c) != sorted(set(c)) or c[0] < 1:
             raise ValueError(f"utility candidates={c} must be distinct positive Ks, ascending")
-        if self.test_iters < 1 or self.set_iters < 1 or self.log_slots < 1:
+        if min(self.test_iters, self.set_iters, self.log_slots, self.max_backoff) < 1:
             raise ValueError(f"utility test_iters={self.test_iters}, set_iters="
-                             f"{self.set_iters} and log_slots={self.log_slots} must be >= 1")
+                             f"{self.set_iters}, log_slots={self.log_slots} and max_backoff="
+                             f"{self.max_backoff} must be >= 1")
 
     @property
     def k_max(self) -> int:
         return self.candidates[-1]
-
-    @property
-    def period(self) -> int:
-        return self.test_iters + self.set_iters
 
     @property
     def branch_ks(self) -> tuple[int, ...]:
@@ -88,7 +92,9 @@ class Controller:
     ``hist_BA`` [B, K_max + 1] counts the accepted drafts per iteration during the
     current test; ``chosen_B`` is the K of the set phase (-1 = not tested yet);
     ``log_BS3`` [B, S, 3] the decisions (global iteration, chosen K, its utility).
-    ``iter`` counts the batch's iterations (the phase clock); ``sync_B`` is each row's
+    ``iter`` counts the batch's iterations; ``phase_iter`` the iterations since the
+    current test began and ``set_len`` the current set phase's length (the phase clock,
+    batch-wide); ``sync_B`` is each row's
     ``seq_len`` when its draft state was last brought up to date.
     """
 
@@ -100,6 +106,8 @@ class Controller:
     n_log_B: jax.Array
     iter: jax.Array
     sync_B: jax.Array
+    phase_iter: jax.Array
+    set_len: jax.Array
 
 
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
@@ -111,11 +119,12 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
                       jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
                       jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(seq_len_B, jnp.int32))
+                      jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((), jnp.int32),
+                      jnp.asarray(ucfg.set_iters, jnp.int32))
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
-    return (c.iter % ucfg.period) < ucfg.test_iters
+    return c.phase_iter < ucfg.test_iters
 
 
 def draft_limits(ucfg: UtilityConfig, c: Controller) -> jax.Array:
@@ -142,7 +151,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     ka = ucfg.k_max + 1
     add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
     hist = c.hist_BA + add.astype(jnp.int32)
-    last = testing & ((c.iter % ucfg.period) == ucfg.test_iters - 1)
+    last = testing & (c.phase_iter == ucfg.test_iters - 1)
     util = utilities(ucfg, hist, c.cost_K)
     allowed = np.zeros(ka, bool)
     allowed[list(ucfg.branch_ks)] = True
@@ -154,9 +163,16 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
                        best.astype(jnp.float32), util[rows, best]], axis=1)
     slot = jnp.where(decide, c.n_log_B % ucfg.log_slots, ucfg.log_slots)
     log = c.log_BS3.at[rows, slot].set(entry, mode="drop")
+    # back off while speculation keeps losing for every tested row
+    all_zero = jnp.any(decide) & jnp.all(jnp.where(decide, best == 0, True))
+    set_len = jnp.where(last, jnp.where(all_zero, jnp.minimum(
+        2 * c.set_len, ucfg.max_backoff * ucfg.set_iters), ucfg.set_iters), c.set_len)
+    phase = c.phase_iter + 1
+    phase = jnp.where(phase >= ucfg.test_iters + set_len, 0, phase)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
                      util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
-                     n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1)
+                     n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1,
+                     phase_iter=phase.astype(jnp.int32), set_len=set_len.astype(jnp.int32))
 
 
 def decisions(c: Controller, row: int) -> list[dict]:

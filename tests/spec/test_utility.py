@@ -48,6 +48,16 @@ def test_utilities_from_a_histogram():
     assert utility.decisions(c, 0) == [{"iteration": 1, "k": 4,
                                         "utility": pytest.approx(5 / 3)}]
     assert np.asarray(utility.draft_limits(u, c)).tolist() == [4, 0, 4]  # set phase
+    assert int(c.set_len) == u.set_iters  # a row chose K > 0: no back-off
+    # every tested row choosing K = 0 doubles the next set phase, up to max_backoff
+    lose = utility.UtilityConfig(candidates=(1,), test_iters=1, set_iters=2, max_backoff=4)
+    c = utility.init(lose, 1, jnp.array([1.0, 9.0]), jnp.array([5]))
+    lens, tests = [], 0
+    for _ in range(30):
+        tests += int(utility.in_test(lose, c))
+        c = utility.update(lose, c, jnp.array([True]), jnp.array([0]))
+        lens.append(int(c.set_len))
+    assert sorted(set(lens)) == [4, 8] and tests == 4  # 1+2... then 8-iteration sets
     with pytest.raises(ValueError, match="ascending"):
         utility.UtilityConfig(candidates=(4, 2)).validate()
 
@@ -87,9 +97,10 @@ def test_auto_k_greedy_equals_ar(setup, regime, cost):
     ks = {d["k"] for b in range(len(prompts)) for d in utility.decisions(s.controller, b)}
     if regime == "speculation loses":
         assert ks == {0}
-        # test phases only: 2 of every 5 iterations draft (K_max = 4)
+        # test phases only (2 of at most every 5 iterations, then rarer): K_max = 4 drafts
         assert (np.asarray(s.stats.drafted_B) <= 4 * 2 * (-(-np.asarray(
             s.stats.iterations_B) // 5))).all()
+        assert int(s.controller.set_len) > UCFG.set_iters  # backed off
     elif regime == "speculation free":  # ties go to the smaller K; rows that accept go up
         assert max(ks) >= 2
     else:
