@@ -314,7 +314,8 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         def sd(s):  # bring the draft state up to date over tokens decoded plainly
             lag = jnp.any(active & (s.seq_len_B > s.controller.sync_B))
             ps = jax.lax.cond(lag, lambda ps: proposer.catch_up(
-                cfg, draft, ps, s, s.controller.sync_B, u.set_iters + 2), lambda ps: ps,
+                cfg, draft, ps, s, s.controller.sync_B, u.set_iters * u.max_backoff + 2),
+                lambda ps: ps,
                 s.proposer_state)
             return _step(bcfg, target, draft, s.replace(proposer_state=ps))
         return sd

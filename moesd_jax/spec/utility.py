@@ -17,8 +17,10 @@ down.
 batch's rows test together and the AR program runs when every row has chosen K = 0):
 a *test* phase of ``test_iters`` iterations drafts K_max for every row and records each
 row's accepted counts; at its end each row takes the K (0 or a candidate) with the best
-utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. When
-every row that was tested chose K = 0, the next set phase is twice as long (up to
+utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. A
+row's K is capped at the K with the most tokens per cost summed over the batch (the step
+pays for the largest K any row drafts; a row whose own best is smaller, e.g. 0, keeps
+it). When every row that was tested chose K = 0, the next set phase is twice as long (up to
 ``max_backoff`` x ``set_iters``: speculation that keeps losing is re-tested ever more
 rarely, so its tests cost little); any other decision resets it. A row that has not been
 tested yet (it joined mid-phase) drafts K_max.
@@ -155,8 +157,16 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     util = utilities(ucfg, hist, c.cost_K)
     allowed = np.zeros(ka, bool)
     allowed[list(ucfg.branch_ks)] = True
-    best = jnp.argmax(jnp.where(jnp.asarray(allowed)[None, :], util, -1.0), axis=1)
+    ok = jnp.asarray(allowed)[None, :]
     decide = last & (jnp.sum(hist, axis=1) > 0)
+    own = jnp.argmax(jnp.where(ok, util, -1.0), axis=1)
+    # the batch pays for the largest K any row drafts: cap every row at the K with the
+    # most tokens per cost summed over the tested rows (a row whose own best is smaller,
+    # e.g. 0, keeps it and masks its drafts)
+    tokens_BK = util * c.cost_K[None, :]
+    batch = jnp.sum(jnp.where(decide[:, None], tokens_BK, 0.0), axis=0) / c.cost_K
+    cap = jnp.argmax(jnp.where(ok[0], batch, -1.0))
+    best = jnp.minimum(own, cap)
     chosen = jnp.where(decide, best.astype(jnp.int32), c.chosen_B)
     rows = jnp.arange(active_B.shape[0])
     entry = jnp.stack([jnp.broadcast_to(c.iter.astype(jnp.float32), best.shape),

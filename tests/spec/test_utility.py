@@ -40,13 +40,21 @@ def test_utilities_from_a_histogram():
     np.testing.assert_allclose(util[0], [1.0, 2 / 1.5, 3 / 2.0, 4 / 2.5, 5 / 3.0], rtol=1e-6)
     np.testing.assert_allclose(util[1], [1.0, 1 / 1.5, 1 / 2.0, 1 / 2.5, 1 / 3.0], rtol=1e-6)
     assert util[2].tolist() == [1.0, 0, 0, 0, 0]
+    # batch total tokens per cost here: K=0 2/1, K=1 3/1.5, K=2 4/2, K=4 6/3: a tie, so
+    # the batch caps every row at K = 0 (the cheapest of the best)
+    c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
+    for n_acc in ([4, 0, 1], [4, 0, 1]):
+        c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
+    assert np.asarray(c.chosen_B).tolist() == [0, 0, -1]
+    # cheaper drafts: K=4 gives the batch (5 + 1) / 1.8 tokens per cost, the most
+    cost = jnp.array([1.0, 1.2, 1.4, 1.6, 1.8])
     c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
     for n_acc in ([4, 0, 1], [4, 0, 1]):  # the two test iterations
         c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
-    # row 0: K=4 has utility 5/3; row 1: plain decoding (everything else < 1); row 2 idle
+    # row 0: K=4 (utility 5/1.8); row 1 keeps its own best, plain decoding; row 2 idle
     assert np.asarray(c.chosen_B).tolist() == [4, 0, -1]
     assert utility.decisions(c, 0) == [{"iteration": 1, "k": 4,
-                                        "utility": pytest.approx(5 / 3)}]
+                                        "utility": pytest.approx(5 / 1.8)}]
     assert np.asarray(utility.draft_limits(u, c)).tolist() == [4, 0, 4]  # set phase
     assert int(c.set_len) == u.set_iters  # a row chose K > 0: no back-off
     # every tested row choosing K = 0 doubles the next set phase, up to max_backoff
