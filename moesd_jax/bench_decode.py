@@ -62,10 +62,17 @@ def _weight_bytes(model: Transformer, routing_BTLK: np.ndarray | None) -> tuple[
     e_bytes = 3 * cfg.d_model * cfg.moe.expert_dim * 4
     n_moe = sum(int(layer.is_moe) for layer in model.layers)
     experts_all = n_moe * cfg.moe.num_experts * e_bytes
-    ids = routing_BTLK.reshape(-1, routing_BTLK.shape[2], routing_BTLK.shape[3])
-    uniq = sum(len(np.setdiff1d(np.unique(ids[:, layer]), [cfg.moe.num_experts]))
-               for layer in range(ids.shape[1]))
+    uniq = float(np.sum(unique_by_layer(routing_BTLK, cfg.moe.num_experts)))
     return total - emb - experts_all + uniq * e_bytes, total
+
+
+def unique_by_layer(routing_BTLK: np.ndarray, num_experts: int) -> np.ndarray:
+    """Distinct experts one forward's [B, T, L, K] routing loaded, per MoE layer (the
+    forward as one step of ``analysis.routing.unique_per_step``; ids == E do not count)."""
+    from moesd_jax.analysis.routing import unique_per_step
+
+    b, t, layers, k = routing_BTLK.shape
+    return unique_per_step(routing_BTLK.reshape(1, b * t, layers, k), num_experts)[0]
 
 
 def unique_experts_per_layer(routing_BTLK: np.ndarray | None, num_experts: int) -> float:
@@ -73,9 +80,7 @@ def unique_experts_per_layer(routing_BTLK: np.ndarray | None, num_experts: int) 
     dropped assignments and do not count)."""
     if routing_BTLK is None:
         return 0.0
-    ids = routing_BTLK.reshape(-1, routing_BTLK.shape[2], routing_BTLK.shape[3])
-    return float(np.mean([len(np.setdiff1d(np.unique(ids[:, layer]), [num_experts]))
-                          for layer in range(ids.shape[1])]))
+    return float(np.mean(unique_by_layer(routing_BTLK, num_experts)))
 
 
 def make_model(cfg: ModelConfig, seed: int = 0):
@@ -275,9 +280,7 @@ def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64
                        "predicted_bytes": pred.bytes, "predicted_flops": pred.flops,
                        "expert_fraction": pred.expert_fraction}
                 if n_exp:
-                    ids = rt.reshape(-1, rt.shape[2], rt.shape[3])
-                    u_layers = [len(np.setdiff1d(np.unique(ids[:, i]), [n_exp]))
-                                for i in range(ids.shape[1])]
+                    u_layers = unique_by_layer(rt, n_exp).tolist()
                     traced = step_cost(cfg, hw, b, t, context=context, unique_experts=u_layers)
                     row |= {"unique_experts": float(np.mean(u_layers)),
                             "unique_experts_independent": pred.unique_experts,

@@ -51,3 +51,19 @@ def test_decode_sweep_tiny_shape(tmp_path):
         4.0 / rows[1]["predicted_verify_over_step"])
     paths = bd.write_outputs(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_costmodel_sweep_tiny_shape():
+    """bench.py costmodel's harness: measured vs predicted per (model, batch, T), with the
+    unique experts the forward routed to (timings are not asserted)."""
+    from moesd_jax import bench_decode as bd
+    from moesd_jax.analysis.cost_model import preset
+
+    cfgs = bd.bench_configs(d_model=32, layers=2, experts=8, top_k=2, expert_dim=32, vocab=128)
+    rows = bd.costmodel_sweep(preset("h100"), ["moe"], [2], [1, 3], context=4, repeats=1,
+                              configs=cfgs)
+    assert [(r["batch"], r["tokens"]) for r in rows] == [(2, 1), (2, 3)]
+    for r in rows:
+        assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
+        assert 1 <= r["unique_experts"] <= min(8, 2 * r["tokens"] * 2)
+        assert r["error"] == pytest.approx(r["predicted_ms"] / r["measured_ms"] - 1)

@@ -580,6 +580,27 @@ def iteration_cost(t_step: float, t_verify: float, t_draft: float, k: int) -> fl
     return (k * t_draft + t_verify) / t_step
 
 
+def draft_step_time(draft: ModelConfig | float | None, hw: Hardware, batch: int,
+                    t_step: float, context: int = 512) -> float:
+    """Seconds of one draft step: None = free (an oracle, prompt lookup), a draft model's
+    config = its T = 1 step on ``hw``, a number = that fraction of the target's step
+    ``t_step``."""
+    if draft is None:
+        return 0.0
+    if isinstance(draft, ModelConfig):
+        return step_time(draft, hw, batch, 1, context=context)
+    return float(draft) * t_step
+
+
+def model_iteration_costs(target_cfg: ModelConfig, hw: Hardware, batch: int, k_max: int,
+                          draft: ModelConfig | float | None = None,
+                          context: int = 256) -> np.ndarray:
+    """:func:`iteration_costs` from this model's step times on ``hw`` (``--k auto
+    --auto-costs model``)."""
+    t = lambda n: step_time(target_cfg, hw, batch, n, context=context)  # noqa: E731
+    return iteration_costs(t, draft_step_time(draft, hw, batch, t(1), context), k_max)
+
+
 def sd_speedup(cfg: ModelConfig, hw: Hardware, batch: int, k: int,
                acceptance: float | Sequence[float], draft: ModelConfig | float | None = None,
                context: int = 512, **kw) -> dict:
@@ -594,12 +615,7 @@ def sd_speedup(cfg: ModelConfig, hw: Hardware, batch: int, k: int,
         raise ValueError(f"k={k} must be >= 1")
     t1 = step_time(cfg, hw, batch, 1, context=context, **kw)
     tv = step_time(cfg, hw, batch, k + 1, context=context, **kw)
-    if draft is None:
-        td = 0.0
-    elif isinstance(draft, ModelConfig):
-        td = step_time(draft, hw, batch, 1, context=context)
-    else:
-        td = float(draft) * t1
+    td = draft_step_time(draft, hw, batch, t1, context)
     sigma = expected_tokens(acceptance, k)
     cost = iteration_cost(t1, tv, td, k)
     return {"speedup": sigma / cost, "sigma": sigma,

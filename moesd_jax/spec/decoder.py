@@ -335,13 +335,13 @@ class SpecDecoder:
         if key not in self._costs:
             k_max = self.cfg.k
             if self.spec.auto_costs == "model":
-                from moesd_jax.analysis.cost_model import preset
+                from moesd_jax.analysis.cost_model import model_iteration_costs, preset
 
                 draft_cfg = (proposers_model_cfg(*self.draft) if self.cfg.method == "draft"
                              else None)
-                c = spec_utility.model_costs(proposers_model_cfg(*self.target),
-                                             preset(self.spec.auto_hardware), batch, k_max,
-                                             draft_cfg)
+                c = model_iteration_costs(proposers_model_cfg(*self.target),
+                                          preset(self.spec.auto_hardware), batch, k_max,
+                                          draft_cfg)
             else:
                 c = self._timed_iteration_costs(batch, per_call)
             self._costs[key] = c

@@ -182,7 +182,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
         then the target's greedy continuation), M <= max_len.
       draft_k_B: optional int32 [B] per-row draft limit (``DecodeState.draft_k_B``).
       utility_cost_K: float32 [K_max + 1] iteration costs for ``cfg.utility``
-        (``spec_utility.model_costs`` or ``measured_costs``).
+        (``SpecDecoder.utility_costs``: timed or ``cost_model.model_iteration_costs``).
     """
     b, p = prompts_BT.shape
     n = cfg.max_len

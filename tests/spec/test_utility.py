@@ -71,13 +71,13 @@ def test_utilities_from_a_histogram():
 
 
 def test_costs_one_formula():
-    from moesd_jax.analysis.cost_model import preset
+    from moesd_jax.analysis.cost_model import iteration_costs, model_iteration_costs, preset
     from moesd_jax.config import ModelConfig, load_config
 
-    c = utility.costs_from_times({1: 2.0, 2: 2.5, 3: 3.0}, 0.5, 2)
+    c = iteration_costs({1: 2.0, 2: 2.5, 3: 3.0}, 0.5, 2)
     np.testing.assert_allclose(c, [1.0, (0.5 + 2.5) / 2.0, (1.0 + 3.0) / 2.0])
     cfg = load_config(ModelConfig, "mixtral-8x7b")
-    m = utility.model_costs(cfg, preset("h100"), 1, 4, draft=0.1)
+    m = model_iteration_costs(cfg, preset("h100"), 1, 4, draft=0.1)
     assert m[0] == 1.0 and (np.diff(m) > 0).all()
 
 
