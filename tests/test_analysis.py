@@ -207,6 +207,9 @@ def test_analyze_routing_cli_on_saved_traces(tmp_path, capsys):
     assert rep["sd_steps"]["steps"] == 80
     assert (tmp_path / "routing_report.png").exists()
     assert main(["--traces", str(tmp_path / "missing.npz")]) == 2
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    assert main(["--traces", str(tmp_path / "other.npz")]) == 2
+    assert "not a routing-trace file" in capsys.readouterr().err
 
 
 def test_amdahl_split_sums():

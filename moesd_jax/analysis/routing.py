@@ -264,5 +264,8 @@ def save_traces(path: str | Path, traces: Sequence[np.ndarray], num_experts: int
 def load_traces(path: str | Path) -> tuple[list[np.ndarray], int, int]:
     """(traces, num_experts, top_k) from :func:`save_traces`' file."""
     with np.load(path) as z:
+        if "num_experts" not in z.files or "top_k" not in z.files:
+            raise ValueError(f"{path}: not a routing-trace file (no num_experts / top_k; "
+                             "write one with generate.py --routing-trace)")
         n = sum(1 for k in z.files if k.startswith("trace_"))
         return ([z[f"trace_{i}"] for i in range(n)], int(z["num_experts"]), int(z["top_k"]))

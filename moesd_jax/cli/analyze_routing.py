@@ -172,7 +172,7 @@ def main(argv=None) -> int:
                 "step_T1": routing.amdahl(cfg, hw, 1, 1, u1),
                 f"verify_T{t_sd}": routing.amdahl(cfg, hw, 1, t_sd,
                                                   sd_rep.unique if sd_rep else None)}
-    except (ValueError, ConfigError, FileNotFoundError) as e:
+    except (ValueError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
