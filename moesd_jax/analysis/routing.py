@@ -254,11 +254,34 @@ def record_traces(decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
 
 def save_traces(path: str | Path, traces: Sequence[np.ndarray], num_experts: int,
-                top_k: int) -> None:
-    """``.npz`` with ``trace_0 .. trace_{n-1}`` ([S, T, L, K] int16) and the routing
-    shape (``num_experts``, ``top_k``)."""
-    np.savez_compressed(path, num_experts=num_experts, top_k=top_k,
+                top_k: int, request_ids: Sequence[str] | None = None) -> None:
+    """``.npz`` with ``trace_0 .. trace_{n-1}`` ([S, T, L, K] int16), the routing shape
+    (``num_experts``, ``top_k``) and, when given, the ``request_ids``. Written to a
+    temporary file and renamed, so a reader never sees a half-written file."""
+    path = Path(path)
+    extra = {} if request_ids is None else {"request_ids": np.asarray(list(request_ids))}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, num_experts=num_experts, top_k=top_k, **extra,
                         **{f"trace_{i}": np.asarray(t, np.int16) for i, t in enumerate(traces)})
+    tmp.replace(path)
+
+
+class TraceFile:
+    """A server's routing-trace sink (``serve.py --routing-trace FILE``): each finished
+    request's trace is added and the file rewritten (:func:`save_traces` format, readable
+    by ``analyze_routing.py --traces`` while the server runs)."""
+
+    def __init__(self, path: str | Path, num_experts: int, top_k: int):
+        self.path, self.num_experts, self.top_k = Path(path), num_experts, top_k
+        self.ids: list[str] = []
+        self.traces: list[np.ndarray] = []
+
+    def __call__(self, request_id: str, trace: np.ndarray) -> None:
+        if len(trace) == 0:  # finished before its first verify step
+            return
+        self.ids.append(request_id)
+        self.traces.append(np.asarray(trace, np.int16))
+        save_traces(self.path, self.traces, self.num_experts, self.top_k, self.ids)
 
 
 def load_traces(path: str | Path) -> tuple[list[np.ndarray], int, int]:

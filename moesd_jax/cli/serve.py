@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="persistent XLA cache dir (default ~/.cache/moesd_jax/xla; 'off')")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds to wait for in-flight requests at shutdown (default: all)")
+    p.add_argument("--routing-trace", default=None, metavar="FILE.npz",
+                   help="record each request's expert routing (its first "
+                        "--routing-trace-steps verify steps) into FILE.npz, rewritten as "
+                        "requests finish; read it with scripts/analyze_routing.py --traces")
+    p.add_argument("--routing-trace-steps", type=int, default=256,
+                   help="verify steps recorded per request with --routing-trace")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -90,10 +96,21 @@ def main(argv=None) -> int:
         buckets = None
         if args.prefill_buckets:
             buckets = [int(x) for x in args.prefill_buckets.split(",") if x.strip()]
+        trace_kw = {}
+        if args.routing_trace:
+            if args.routing_trace_steps < 1:
+                raise ValueError(f"--routing-trace-steps {args.routing_trace_steps} must be "
+                                 ">= 1")
+            trace_kw = {"routing_trace_steps": args.routing_trace_steps}
         eng, tok, name = engine.load_engine(
             args.model, args.draft, spec, slots=args.slots, max_len=args.max_len,
             max_queue=args.max_queue, prefill_buckets=buckets, mesh=args.mesh,
-            dispatch=args.dispatch, tokenizer=args.tokenizer)
+            dispatch=args.dispatch, tokenizer=args.tokenizer, **trace_kw)
+        if args.routing_trace:
+            from moesd_jax.analysis.routing import TraceFile
+
+            m = eng.decoder.target.cfg.moe
+            eng.trace_sink = TraceFile(args.routing_trace, m.num_experts, m.top_k)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

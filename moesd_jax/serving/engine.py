@@ -96,6 +96,12 @@ class Engine:
       eos_token_ids: default stop tokens; None = the target's ``eos_token_ids``.
       policy: the per-step K / expert-budget policy (:class:`EnginePolicy`).
       max_stop: stop-token slots per row.
+      routing_trace_steps: > 0 records each request's routing (``[S, T, L, K]`` expert ids
+        of its first S verify steps, ``analysis/routing.py``) and passes it to
+        ``trace_sink(request_id, trace)`` when the request finishes; 0 = no tracing (the
+        compiled step is the same as without the option).
+      trace_sink: where finished requests' traces go (default: appended to
+        :attr:`routing_traces`, a list of ``(request_id, trace)``).
       mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
         MeshConfig), as for :class:`SpecDecoder`: parameters placed per its rules, slots
         split over its ``batch`` rule, MoE layers expert-parallel when it shards experts.
@@ -112,7 +118,8 @@ class Engine:
                  max_len: int | None = None, max_queue: int = 64,
                  prefill_buckets: Sequence[int] | None = None,
                  eos_token_ids: Sequence[int] | None = None,
-                 policy: EnginePolicy | None = None, max_stop: int = 8, mesh=None):
+                 policy: EnginePolicy | None = None, max_stop: int = 8, mesh=None,
+                 routing_trace_steps: int = 0, trace_sink=None):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         if max_queue < 0:
@@ -122,6 +129,16 @@ class Engine:
         self.decoder = SpecDecoder(target, draft, spec, max_len=max_len,
                                    eos_token_ids=eos_token_ids, max_stop=max_stop, mesh=mesh)
         self.cfg = self.decoder.cfg
+        if routing_trace_steps < 0:
+            raise ValueError(f"routing_trace_steps={routing_trace_steps} must be >= 0")
+        if routing_trace_steps and not self.cfg.num_experts:
+            raise ValueError("routing traces need a MoE target; this one is dense")
+        if routing_trace_steps and mesh is not None:
+            raise ValueError("routing traces run on one device; drop the mesh")
+        if routing_trace_steps:
+            self.cfg = dataclasses.replace(self.cfg, trace_steps=int(routing_trace_steps))
+        self.routing_traces: list[tuple[str, np.ndarray]] = []
+        self.trace_sink = trace_sink or (lambda rid, t: self.routing_traces.append((rid, t)))
         self.spec = self.decoder.spec
         self.max_len = self.cfg.max_len
         self.vocab_size = self.cfg.vocab
@@ -590,12 +607,20 @@ class Engine:
             h.utility = dec
             log.info("%s utility decisions (iteration, K, utility): %s", h.request_id,
                      [(d["iteration"], d["k"], round(d["utility"], 3)) for d in dec])
+        if self.cfg.trace_steps and h.slot is not None and error is None:
+            self.trace_sink(h.request_id, self._slot_trace(h.slot))
         with self.lock:
             self.counters.finished[reason] += 1
         h.push(StreamEvent([], finished=True, finish_reason=reason,
                             all_token_ids=list(h.tokens), stats=self._stats(h), error=error))
         with self._cv:
             self._cv.notify_all()
+
+    def _slot_trace(self, slot: int) -> np.ndarray:
+        """Row ``slot``'s routing trace ``[S, T, L, K]`` (int16, E = no expert) over its
+        verify steps so far (at most ``trace_steps``)."""
+        n = min(int(jax.device_get(self.state.stats.iterations_B[slot])), self.cfg.trace_steps)
+        return np.asarray(jax.device_get(self.state.routing_trace[:n, slot]))
 
     def _fail_all(self, e: Exception) -> None:
         log.exception("engine step failed")
@@ -618,8 +643,9 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
                 spec: SpecConfig | None = None, *, slots: int = 4, max_len: int | None = None,
                 max_queue: int = 64, prefill_buckets: Sequence[int] | None = None,
                 mesh: str | Path | None = None, dispatch: str | None = None,
-                tokenizer: str | Path | None = None):
-    """Loads target (+ draft) checkpoints into an (unstarted) Engine.
+                tokenizer: str | Path | None = None, **engine_kw):
+    """Loads target (+ draft) checkpoints into an (unstarted) Engine (``engine_kw``: more
+    :class:`Engine` arguments, e.g. ``routing_trace_steps``).
 
     ``model=None`` is the bundled target (``moesd_jax/bundled/target``); ``draft=None``
     with ``spec.method == "draft"`` is the bundled draft. The tokenizer is the target
@@ -656,7 +682,7 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
         eos = (int(tok.eos_token_id),)
     engine = Engine(target, draft_model, spec, slots=slots, max_len=max_len,
                     max_queue=max_queue, prefill_buckets=prefill_buckets, eos_token_ids=eos,
-                    mesh=mesh)
+                    mesh=mesh, **engine_kw)
     name = "moesd-bundled" if bundled else model_dir.resolve().name
     return engine, tok, name
 

@@ -40,13 +40,16 @@ def insert(state: DecodeState, row: DecodeState, slot: jax.Array) -> DecodeState
     """Writes the batch-1 state ``row`` into row ``slot`` of ``state``.
 
     Every per-row leaf has its batch on axis 0, except the caches' k/v ``[L, B, S, G, Dh]``
-    (axis 1). Batch-total statistics of ``state`` are kept.
+    and the routing trace ``[S, B, T, L, K]`` (axis 1). Batch-total statistics of
+    ``state`` are kept.
     """
     out = {}
     for f in dataclasses.fields(state):
         big, small = getattr(state, f.name), getattr(row, f.name)
         if isinstance(big, KVCache) or big is None:
             out[f.name] = _insert_cache(big, small, slot)
+        elif f.name == "routing_trace":  # [S, B, T, L, K]: batch on axis 1
+            out[f.name] = _update_rows(big, small, slot, 1)
         elif isinstance(big, (Stats, Controller)):  # batch totals / the phase clock kept
             out[f.name] = big.replace(**{
                 g.name: _update_rows(getattr(big, g.name), getattr(small, g.name), slot, 0)

@@ -16,7 +16,9 @@ from moesd_jax.serving.engine import (
     StepPlan,
     default_buckets,
 )
-from tests.serving.conftest import BUCKETS, REF_MAX
+from moesd_jax.spec.decoder import SpecDecoder
+from tests.helpers import build, dense_cfg
+from tests.serving.conftest import BUCKETS, MAX_LEN, REF_MAX, SPEC
 
 
 def test_default_buckets():
@@ -146,3 +148,33 @@ def test_engine_k_auto_matches_reference(models, prompts, reference):
     for i, ev in enumerate(outs):
         assert ev.all_token_ids == reference[i]
         assert ev.stats["utility"] and {d["k"] for d in ev.stats["utility"]} <= {0, 1, 2}
+
+
+def test_engine_routing_traces_match_generate(models, prompts, reference, tmp_path):
+    """--routing-trace in the server: each finished request's trace (``[S, T, L, K]``)
+    equals the one generate.py records for the same prompt alone (rows are independent),
+    including a request admitted into a slot another request used before; the sink file
+    is the analyze_routing format."""
+    from moesd_jax.analysis import routing
+
+    target, draft = models
+    sink = routing.TraceFile(tmp_path / "t.npz", target.cfg.moe.num_experts,
+                             target.cfg.moe.top_k)
+    eng = Engine(target, draft, SPEC, slots=2, max_len=MAX_LEN, prefill_buckets=BUCKETS[:1],
+                 routing_trace_steps=64, trace_sink=sink)
+    eng.start(precompile=False)
+    try:
+        hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
+        outs = [h.result(timeout=300) for h in hs]
+    finally:
+        eng.shutdown(drain=False)
+    assert [ev.all_token_ids for ev in outs] == reference[:3]
+    dec = SpecDecoder(target, draft, SPEC, max_len=MAX_LEN)
+    want, _ = routing.record_traces(dec, prompts[:3], REF_MAX)
+    got, n_exp, k = routing.load_traces(tmp_path / "t.npz")
+    assert (n_exp, k) == (8, 2) and len(got) == 3
+    by_id = dict(zip(sink.ids, got))
+    for h, w in zip(hs, want):
+        np.testing.assert_array_equal(by_id[h.request_id], w)
+    with pytest.raises(ValueError, match="dense"):
+        Engine(build(dense_cfg()), None, SpecConfig(method="none"), routing_trace_steps=4)
