@@ -219,3 +219,12 @@ def test_amdahl_split_sums():
     assert 0 < a["expert_fraction"] < 1
     assert a["max_speedup_from_experts"] == pytest.approx(1 / (1 - a["expert_fraction"]))
     assert math.isclose(a["expert_ms"] + a["non_expert_ms"], a["step_ms"])
+
+
+def test_calibration_table_median_of_passes_and_monotone_in_rows():
+    """A calibration entry is the median of its passes; within one weight size time never
+    falls as rows grow (a one-off slow entry is bounded by the next larger one)."""
+    times = {(4, 1): [1.0, 9.0, 1.2], (4, 2): [1.1, 1.3, 1.2], (4, 4): [5.0, 0.9, 1.0],
+             (8, 1): [2.0, 2.0, 2.0], (8, 2): [3.0, 3.0, 3.0]}
+    tab = cm._table(times)
+    assert tab == [(4, 1, 1.0), (4, 2, 1.0), (4, 4, 1.0), (8, 1, 2.0), (8, 2, 3.0)]

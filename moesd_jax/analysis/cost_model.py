@@ -49,6 +49,7 @@ Hardware presets (``configs/hardware/presets.yaml``, cited there): ``tpu-v4``,
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -225,23 +226,41 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 7) -> dict[str, float
 
 
 DOT_SHAPES = ((1024, 1024), (1024, 4096), (1024, 32768))  # 4, 16, 128 MB in float32
-DOT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+DOT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def _table(times: dict[tuple[int, int], list[float]]) -> list[Dot]:
+    """``(bytes, rows, seconds)`` rows of a measured table: the median of each entry's
+    passes, then made non-decreasing in rows for each weight size (more rows over the same
+    weights never cost less; a lower later entry bounds the earlier ones, which removes
+    one-off slow outliers)."""
+    out = []
+    for nb in sorted({b for b, _ in times}):
+        rows = sorted(r for b, r in times if b == nb)
+        ts = [statistics.median(times[nb, r]) for r in rows]
+        for i in range(len(ts) - 2, -1, -1):
+            ts[i] = min(ts[i], ts[i + 1])
+        out += [(nb, r, t) for r, t in zip(rows, ts)]
+    return out
 
 
 def measure_dots(shapes: Sequence[tuple[int, int]] = DOT_SHAPES,
                  rows: Sequence[int] = DOT_ROWS, hot: bool = False, repeats: int = 3,
-                 pool_bytes: int = 256 << 20) -> list[Dot]:
+                 pool_bytes: int = 256 << 20, passes: int = 3) -> list[Dot]:
     """Measured ``(weight bytes, rows, seconds)`` of float32 ``[rows, K] x [K, N]`` dots.
 
     One jitted call runs a chain of dependent dots (as a forward does: no concurrency
     between them, no per-call dispatch cost in the figure), each on its own weight buffer
     (``hot=False``: > ``pool_bytes`` of weights, so every dot reads from memory) or all on
-    one buffer (``hot=True``: the weights stay in cache).
+    one buffer (``hot=True``: the weights stay in cache). ``passes`` sweeps over the row
+    counts, interleaved so that a slow spell of the machine hits one pass of every entry
+    rather than every pass of one; each entry is the median of its passes' medians of
+    ``repeats`` calls (:func:`_table`).
     """
     import jax
     import jax.numpy as jnp
 
-    out = []
+    times: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
     for k, n in shapes:
         nb = k * n * 4
         n_w = 8 if hot else max(2, -(-pool_bytes // nb))
@@ -255,17 +274,19 @@ def measure_dots(shapes: Sequence[tuple[int, int]] = DOT_SHAPES,
             return x
 
         fn = jax.jit(chain)
-        for r in rows:
-            x = jnp.ones((r, k), jnp.float32)
-            t = _median_time(lambda x=x, fn=fn, ws=ws: jax.block_until_ready(fn(x, ws)),
-                             repeats) / n_w
-            out.append((nb, int(r), t))
-    return out
+        xs = {r: jnp.ones((r, k), jnp.float32) for r in rows}
+        for _ in range(passes):
+            for r in rows:
+                t = _median_time(lambda x=xs[r], fn=fn, ws=ws: jax.block_until_ready(fn(x, ws)),
+                                 repeats)
+                times[nb, int(r)].append(t / n_w)
+        del w0, ws
+    return _table(times)
 
 
 def measure_expert_chunks(d: int = 1024, f: int = 1024, experts: int = 64,
-                          rows: Sequence[int] = (1, 2, 4, 8), repeats: int = 3
-                          ) -> tuple[list[Dot], list[Dot]]:
+                          rows: Sequence[int] = (1, 2, 4, 8), repeats: int = 3,
+                          passes: int = 3) -> tuple[list[Dot], list[Dot]]:
     """One row chunk of the engine's ``gather`` dispatch (``models.moe.dispatch_gather``
     with per-expert weight arrays, as CPU decoding holds them), measured: (cold, hot)
     ``(expert bytes, rows, seconds)``.
@@ -273,7 +294,7 @@ def measure_expert_chunks(d: int = 1024, f: int = 1024, experts: int = 64,
     Cold: ``experts * c`` tokens routed top-1 so that every expert gets exactly c rows,
     one chunk each, each expert read from memory (``experts`` x 12 MB > any cache). Hot:
     the same number of tokens on ``experts / 8`` experts, 8 chunks each; the first is
-    cold, the other 7 find the expert in cache.
+    cold, the other 7 find the expert in cache. Passes as in :func:`measure_dots`.
     """
     import jax
     import jax.numpy as jnp
@@ -286,37 +307,43 @@ def measure_expert_chunks(d: int = 1024, f: int = 1024, experts: int = 64,
     wg, wu, wd = mk(d, f), mk(d, f), mk(f, d)
     fn = jax.jit(lambda x, ids, w: dispatch_gather(x, wg, wu, wd, ids, w))
     nb = 3 * d * f * 4
-    cold, hot = [], []
+    n_few = experts // 8
+    cold: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    hot: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    inputs = {}
     for c in rows:
         t = experts * c
-        x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
-        w = jnp.ones((t, 1), jnp.float32)
-        spread = jnp.asarray(np.repeat(np.arange(experts), c)[:, None], jnp.int32)
-        few = jnp.asarray(np.repeat(np.arange(experts // 8), 8 * c)[:, None], jnp.int32)
-        def run(ids, x=x, w=w):
-            return lambda: jax.block_until_ready(fn(x, ids, w))
+        inputs[c] = (jnp.asarray(rng.standard_normal((t, d)), jnp.float32),
+                     jnp.ones((t, 1), jnp.float32),
+                     jnp.asarray(np.repeat(np.arange(experts), c)[:, None], jnp.int32),
+                     jnp.asarray(np.repeat(np.arange(n_few), 8 * c)[:, None], jnp.int32))
+    for _ in range(passes):
+        for c in rows:
+            x, w, spread, few = inputs[c]
 
-        tc = _median_time(run(spread), repeats) / experts
-        tf = _median_time(run(few), repeats)
-        n_few = experts // 8
-        th = max(tf - n_few * tc, 0.0) / (n_few * 7)
-        cold.append((nb, int(c), tc))
-        hot.append((nb, int(c), th))
-    return cold, hot
+            def run(ids, x=x, w=w):
+                return lambda: jax.block_until_ready(fn(x, ids, w))
+
+            tc = _median_time(run(spread), repeats) / experts
+            tf = _median_time(run(few), repeats)
+            cold[nb, int(c)].append(tc)
+            hot[nb, int(c)].append(max(tf - n_few * tc, 0.0) / (n_few * 7))
+    return _table(cold), _table(hot)
 
 
-def calibrate_cpu(repeats: int = 3) -> Hardware:
+def calibrate_cpu(repeats: int = 3, passes: int = 3) -> Hardware:
     """``cpu-measured``: this machine's read bandwidth, dot tables (weights from memory
     and from cache), last-level cache size, and the fixed overheads of a forward (per
-    step and per layer, from tiny models whose time is all overhead). About a minute."""
+    step and per layer, from tiny models whose time is all overhead). A few minutes
+    (``passes`` interleaved sweeps of every table, see :func:`measure_dots`)."""
     import jax
 
     bw = read_bandwidth()["peak"]
-    cold = measure_dots(repeats=repeats)
-    hot = measure_dots(shapes=DOT_SHAPES[:1], hot=True, repeats=repeats)
+    cold = measure_dots(repeats=repeats, passes=passes)
+    hot = measure_dots(shapes=DOT_SHAPES[:1], hot=True, repeats=repeats, passes=passes)
     peak = max(2.0 * r * nb / 4 / t for nb, r, t in cold + hot)
     step_oh, layer_oh = _measure_overheads(repeats)
-    ch_cold, ch_hot = measure_expert_chunks(repeats=repeats)
+    ch_cold, ch_hot = measure_expert_chunks(repeats=repeats, passes=passes)
     return Hardware(name="cpu-measured", peak_flops=peak, mem_bandwidth=bw,
                     step_overhead_s=step_oh, layer_overhead_s=layer_oh, dots_cold=tuple(cold),
                     dots_hot=tuple(hot), cache_bytes=_llc_bytes(), expert_row_chunks=True,
