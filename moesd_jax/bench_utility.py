@@ -7,17 +7,15 @@ acceptance), ``mix`` (alternating rows of both in every batch). On the memory-bo
 benchmark shape (``bench_decode.bench_configs``, random weights) the oracle drafter at
 acceptance 0.8 and 0.2 stands in for the two regimes.
 
-Each (workload, config) decodes every prompt greedily in batches of ``batch``; the first
-batch of each decoder is a warm-up (compilation, and auto's cost measurement) and is
-timed like the others only after it; tokens/s is the median over batches; every config
-must reproduce plain decoding's tokens. The criteria of the utility issue: auto >= 0.95x
+Each (workload, config) decodes every prompt greedily in batches of ``batch``; the
+configs run interleaved batch by batch (``benchmarks.time_interleaved``) after a warm-up
+batch each (compilation, and auto's cost measurement); tokens/s is the median over
+batches and every ratio the median of per-batch paired ratios; every config must
+reproduce plain decoding's tokens. The criteria of the utility issue: auto >= 0.95x
 AR on every workload and >= 0.95x the best static configuration.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import numpy as np
 
@@ -54,42 +52,39 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
                   progress=None) -> list[dict]:
     """One dict per (workload, config): tokens/s, speedup vs AR, acceptance length,
     equality with AR, and for ``auto`` its decisions (share of K = 0, mean K)."""
+    from moesd_jax.benchmarks import time_interleaved
+
     k_max = max(int(c.split(":")[1]) for c in configs if c.startswith("k:"))
+    order = ["none"] + [c for c in configs if c != "none"]
     rows = []
     for wname, prompts in loads.items():
         batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-        ar_tokens, ar_rate, wrows = None, None, []
-        ref: dict[int, list] = {}  # AR outputs per batch: the oracle's reference
-        for c in ["none"] + [c for c in configs if c != "none"]:
-            dec = _decoder(target, draft, method, c, k_max, oracle_acceptance, max_len)
-
-            def gen(bt, dec=dec, c=c, ref=ref):
-                kw = {}
-                if method == "oracle" and c != "none":
-                    kw["oracle_reference"] = [p + t for p, t in zip(bt, ref[id(bt)])]
-                return dec.generate(bt, max_new, **kw)
-
-            gen(batches[0])  # warm-up: compile (and auto's cost measurement)
-            toks, rates, acc, its, dec_ks = [], [], 0, 0, []
+        decs = {c: _decoder(target, draft, method, c, k_max, oracle_acceptance, max_len)
+                for c in order}
+        ref = {}  # AR outputs per batch: the oracle's reference
+        if method == "oracle":
             for bt in batches:
-                t0 = time.perf_counter()
-                res = gen(bt)
-                dt = time.perf_counter() - t0
-                if c == "none":
-                    ref[id(bt)] = [r.token_ids for r in res]
-                rates.append(sum(len(r.token_ids) for r in res) / dt)
-                toks += [r.token_ids for r in res]
-                acc += sum(r.stats["accepted"] for r in res)
-                its += sum(r.stats["iterations"] for r in res)
-                dec_ks += [d["k"] for r in res for d in r.stats.get("utility", [])]
-            rate = statistics.median(rates)
-            if c == "none":
-                ar_tokens, ar_rate = toks, rate
-            row = {"workload": wname, "config": c, "tokens_per_s": rate,
-                   "speedup": rate / ar_rate, "mean_acceptance_length": 1 + acc / max(its, 1),
-                   "equal_to_ar": toks == ar_tokens}
+                ref[id(bt)] = [r.token_ids for r in decs["none"].generate(bt, max_new)]
+
+        def gen(dec, bt, ref=ref):
+            kw = {}
+            if method == "oracle" and dec.spec.method != "none":
+                kw["oracle_reference"] = [p + t for p, t in zip(bt, ref[id(bt)])]
+            return dec.generate(bt, max_new, **kw)
+
+        runs = time_interleaved(decs, batches, gen)
+        ar = runs["none"]
+        wrows = []
+        for c in order:
+            r = runs[c]
+            row = {"workload": wname, "config": c, "tokens_per_s": r.rate,
+                   "speedup": r.speedup_over(ar),
+                   "mean_acceptance_length": r.acceptance_length,
+                   "equal_to_ar": r.tokens == ar.tokens}
             if c == "auto":
-                row |= {"auto_costs": [round(float(x), 3) for x in dec.utility_costs(
+                dec_ks = [d["k"] for res in r.results for x in res
+                          for d in x.stats.get("utility", [])]
+                row |= {"auto_costs": [round(float(x), 3) for x in decs[c].utility_costs(
                             min(batch, len(batches[0])))],
                         "auto_decisions": len(dec_ks),
                         "auto_k0_share": float(np.mean([k == 0 for k in dec_ks]))
@@ -98,8 +93,10 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
             wrows.append(row)
             if progress is not None:
                 progress(row)
-        best = max(r["tokens_per_s"] for r in wrows if r["config"] != "auto")
-        for r in wrows:
-            r["vs_best_static"] = r["tokens_per_s"] / best
+        # vs the best static config: paired per-batch ratios, as the speedups
+        statics = [c for c in order if c != "auto"]
+        for row in wrows:
+            row["vs_best_static"] = min(runs[row["config"]].speedup_over(runs[c])
+                                        for c in statics)
         rows += wrows
     return rows

@@ -6,6 +6,7 @@ run, time compiled functions after warm-up with ``block_until_ready``, report me
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -91,14 +92,15 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
 
     Each config is ``none``, ``chain:K``, ``ngram:K``, ``tree:NAME`` (draft model),
     ``ngram-tree:NAME`` (prompt lookup filling the tree), ``eagle:K`` or
-    ``eagle-tree:NAME`` (the EAGLE-3 head ``eagle``). The first call of
-    each decoder (compilation) is excluded from timing by a warm-up batch. Every SD config
-    is checked to reproduce the AR tokens exactly.
+    ``eagle-tree:NAME`` (the EAGLE-3 head ``eagle``). The configs run interleaved batch
+    by batch (:func:`time_interleaved`) after a warm-up batch each (compilation). Every SD
+    config is checked to reproduce the AR tokens exactly.
 
     Returns:
       one dict per config: config, mean_acceptance_length (token-weighted over prompts:
       1 + accepted / iterations), tokens_per_s (median over batches), speedup vs AR
-      (ratio of medians), equal_to_ar; with ``keep_tokens`` also token_ids (per prompt).
+      (median over batches of the paired per-batch ratios), equal_to_ar; with
+      ``keep_tokens`` also token_ids (per prompt).
     """
     from moesd_jax.config import SpecConfig
     from moesd_jax.spec.decoder import SpecDecoder
@@ -129,28 +131,67 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
                          "ngram-tree:NAME, eagle:K or eagle-tree:NAME")
 
     batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-    rows, ar_tokens, ar_rate = [], None, None
-    for c in ["none"] + [c for c in configs if c != "none"]:
-        dec = make(c)
-        dec.generate(batches[0], max_new)  # compile
-        toks, rates, acc, its = [], [], 0, 0
-        for bt in batches:
-            t0 = time.perf_counter()
-            res = dec.generate(bt, max_new)
-            dt = time.perf_counter() - t0
-            rates.append(sum(len(r.token_ids) for r in res) / dt)
-            toks += [r.token_ids for r in res]
-            acc += sum(r.stats["accepted"] for r in res)
-            its += sum(r.stats["iterations"] for r in res)
-        rate = statistics.median(rates)
-        if c == "none":
-            ar_tokens, ar_rate = toks, rate
-        rows.append({"config": c, "mean_acceptance_length": 1 + acc / max(its, 1),
-                     "tokens_per_s": rate, "speedup": rate / ar_rate,
-                     "equal_to_ar": toks == ar_tokens})
+    order = ["none"] + [c for c in configs if c != "none"]
+    runs = time_interleaved({c: make(c) for c in order}, batches,
+                            lambda dec, bt: dec.generate(bt, max_new))
+    rows = []
+    for c in order:
+        r = runs[c]
+        rows.append({"config": c, "mean_acceptance_length": r.acceptance_length,
+                     "tokens_per_s": r.rate, "speedup": r.speedup_over(runs["none"]),
+                     "equal_to_ar": r.tokens == runs["none"].tokens})
         if keep_tokens:
-            rows[-1]["token_ids"] = toks
+            rows[-1]["token_ids"] = r.tokens
     return rows
+
+
+@dataclasses.dataclass
+class Timed:
+    """One config's runs over the same batches as the others (:func:`time_interleaved`)."""
+
+    rates: list[float]  # generated tokens / s, per batch
+    results: list[list]  # per batch, the GenerationResults
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.token_ids for res in self.results for r in res]
+
+    @property
+    def acceptance_length(self) -> float:
+        """1 + accepted / iterations over every row (token-weighted)."""
+        acc = sum(r.stats["accepted"] for res in self.results for r in res)
+        its = sum(r.stats["iterations"] for res in self.results for r in res)
+        return 1 + acc / max(its, 1)
+
+    def speedup_over(self, base: Timed) -> float:
+        """Median over batches of this config's rate / ``base``'s on the same batch: both
+        ran back to back, so a slow spell of the machine hits both sides of each ratio."""
+        return statistics.median(a / b for a, b in zip(self.rates, base.rates))
+
+
+def time_interleaved(decoders: dict, batches: list, run) -> dict[str, Timed]:
+    """Times ``run(decoder, batch)`` for every decoder on every batch, interleaved: batch by
+    batch, each decoder in turn (the order rotating per batch), after one warm-up call
+    per decoder (compilation). On a machine whose speed drifts, ratios of the same
+    batch's rates (:meth:`Timed.speedup_over`) are far steadier than ratios of rates
+    measured one config after another."""
+    names = list(decoders)
+    for n in names:
+        run(decoders[n], batches[0])
+    out = {n: Timed([], []) for n in names}
+    for i, bt in enumerate(batches):
+        for j in range(len(names)):
+            n = names[(i + j) % len(names)]
+            t0 = time.perf_counter()
+            res = run(decoders[n], bt)
+            dt = time.perf_counter() - t0
+            out[n].rates.append(sum(len(r.token_ids) for r in res) / dt)
+            out[n].results.append(res)
+    return out
 
 
 def batch_job_vs_spec(target, draft, prompts: list[list[int]], k: int = 4, max_new: int = 64,

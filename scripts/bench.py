@@ -6,7 +6,8 @@
       memcpy bandwidth measured in the same run.
   python scripts/bench.py spec [--configs none chain:4 tree:tree-15 ngram:4 --prompts 50]
       greedy AR vs SD on held-out code prompts with the bundled pair (or --model/--draft):
-      mean acceptance length, tokens/s, speedup (ratio of medians in one run).
+      mean acceptance length, tokens/s, speedup (median of per-batch ratios, configs
+      interleaved batch by batch in one run).
   python scripts/bench.py batch [--prompts 50 --batch-size 10 --k 4 --max-new-tokens 64]
       the batch job (moesd-batch-decode's loop: static batches, one compiled program,
       JSONL written and fsync-ed) on generated held-out prompts, its tokens/s next to

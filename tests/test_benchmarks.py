@@ -25,6 +25,29 @@ def test_spec_sweep_checks_equality_with_ar():
     assert 1.0 <= rows[1]["mean_acceptance_length"] <= 3.0
 
 
+def test_time_interleaved_rotates_and_pairs_ratios():
+    """Every decoder runs once to warm up, then batch by batch in rotating order; a
+    speedup is the median of same-batch ratios."""
+    import types
+
+    calls = []
+
+    def run(name, bt):
+        calls.append((name, bt))
+        return [types.SimpleNamespace(token_ids=[0] * len(bt), stats={})]
+
+    runs = benchmarks.time_interleaved({"a": "a", "b": "b", "c": "c"}, ["x", "yy", "zzz"], run)
+    assert calls[:3] == [("a", "x"), ("b", "x"), ("c", "x")]  # warm-up
+    assert [n for n, _ in calls[3:]] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [b for _, b in calls[3:]] == ["x"] * 3 + ["yy"] * 3 + ["zzz"] * 3
+    assert [len(r) for r in runs["a"].results] == [1, 1, 1] and runs["a"].tokens == [
+        [0], [0, 0], [0, 0, 0]]
+    a = benchmarks.Timed([1.0, 2.0, 4.0], [])
+    b = benchmarks.Timed([2.0, 2.0, 1.0], [])
+    assert a.speedup_over(b) == 1.0  # median of 0.5, 1, 4
+    assert a.rate == 2.0
+
+
 def test_decode_sweep_tiny_shape(tmp_path):
     """bench.py decode's harness on a tiny MoE (the dense model runs the same code minus
     the experts): every oracle-SD point gives the AR tokens,
