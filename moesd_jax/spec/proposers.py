@@ -252,19 +252,33 @@ class DraftModel(Proposer):
         # last accepted node is re-fed next iteration, "lazy by one")
         return compact(state.replace(lengths=pos0_B), path_BJ, jnp.zeros_like(n_new_B))
 
-    def catch_up(self, cfg, params, state, s, sync_B, window: int):
-        """Re-feeds the last ``window`` committed tokens below ``seq_len - 2`` (the lazy
-        cache's valid range; already-cached ones are rewritten with identical K/V)."""
+    def catch_up(self, cfg, params, state, s, sync_B, window: int, chunk: int = 16):
+        """Re-feeds the committed tokens each row decoded without drafting, from its
+        ``sync_B - 2`` (the lazy cache's valid range when it last drafted; at most
+        ``window`` back) up to ``seq_len - 2``, in ``chunk``-token forwards: as many as
+        the most-lagging row needs (a run-time trip count), so the cost follows the lag
+        rather than the largest possible one. Slots re-fed twice get identical K/V."""
         dg, ds = params
-        end = s.seq_len_B - 2
-        start = jnp.maximum(end - window, 0)
-        pos = start[:, None] + jnp.arange(window, dtype=jnp.int32)[None, :]
-        valid = (pos < end[:, None]) & ~s.done_B[:, None]
-        tok = jnp.take_along_axis(s.tokens_BM, jnp.clip(pos, 0, s.tokens_BM.shape[1] - 1),
-                                  axis=1)
-        _, cache, _ = apply(dg, ds, tok, pos, state.replace(lengths=start),
-                            token_valid_BT=valid, plan=cfg.plan)
-        return cache.replace(lengths=jnp.maximum(end, 0))
+        end = jnp.maximum(s.seq_len_B - 2, 0)
+        start = jnp.clip(sync_B - 2, jnp.maximum(end - window, 0), end)
+        start = jnp.where(s.done_B, end, start)
+        n_chunks = (jnp.max(end - start) + chunk - 1) // chunk
+        ar = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+
+        def body(carry):
+            i, cache = carry
+            lo = start + i * chunk
+            pos = lo[:, None] + ar
+            valid = pos < end[:, None]
+            tok = jnp.take_along_axis(s.tokens_BM,
+                                      jnp.clip(pos, 0, s.tokens_BM.shape[1] - 1), axis=1)
+            _, cache, _ = apply(dg, ds, tok, pos, cache.replace(lengths=jnp.minimum(lo, end)),
+                                token_valid_BT=valid, plan=cfg.plan)
+            return i + 1, cache
+
+        _, cache = jax.lax.while_loop(lambda c: c[0] < n_chunks, body,
+                                      (jnp.zeros((), jnp.int32), state))
+        return cache.replace(lengths=end)
 
 
 def model_cfg(graphdef, state):

@@ -156,3 +156,49 @@ def nnx_merge(pieces):
     from flax import nnx
 
     return nnx.merge(*pieces)
+
+
+@pytest.mark.parametrize("window", [64, 8])
+def test_draft_catch_up_equals_a_fresh_prefill(window):
+    """After plain-decoding iterations, the draft model's cache re-fed from each row's
+    sync point (in chunks, as many as the most-lagging row needs) holds the K/V a prefill
+    over the same tokens gives, below ``seq_len - 2``; a row more than ``window`` behind
+    is re-fed over its last ``window`` tokens only (slots before them keep what they
+    held)."""
+    import types
+
+    from flax import nnx
+
+    from moesd_jax.spec.proposers import DraftModel
+
+    draft = build(moe_cfg(experts=4, top_k=2, layers=2), seed=5)
+    params = nnx.split(draft)
+    cfg = types.SimpleNamespace(plan=None)
+    b, cap = 3, 64
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (b, cap), 1, 64)
+    seq_len = jnp.asarray([40, 23, 30], jnp.int32)
+    sync = jnp.asarray([12, 23, 5], jnp.int32)  # row 1 is up to date
+
+    def prefill(n_B):
+        pos = jnp.broadcast_to(jnp.arange(cap, dtype=jnp.int32)[None], (b, cap))
+        return DraftModel().init(cfg, params, tokens, pos, pos < n_B[:, None], n_B, cap)
+
+    s = types.SimpleNamespace(tokens_BM=tokens, seq_len_B=seq_len,
+                              done_B=jnp.zeros((b,), bool))
+    stale = prefill(sync - 2)  # slots from sync - 2 on: never fed (garbage)
+    keep = (jnp.arange(cap)[None, :] < (sync - 2)[:, None])[None, :, :, None, None]
+    stale = stale.replace(k=jnp.where(keep, stale.k, 7.0), v=jnp.where(keep, stale.v, -7.0))
+    got = DraftModel().catch_up(cfg, params, stale, s, sync, window)
+    want = prefill(seq_len - 2)
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(seq_len - 2))
+    lo = np.maximum(np.asarray(seq_len - 2) - window, np.asarray(sync - 2))
+    for r in range(b):
+        n = int(seq_len[r]) - 2
+        if lo[r] > int(sync[r]) - 2:  # beyond the window: the gap keeps its old content
+            np.testing.assert_array_equal(np.asarray(got.k[:, r, int(sync[r]) - 2:lo[r]]), 7.0)
+            continue
+        ok = slice(0, n)
+        np.testing.assert_allclose(np.asarray(got.k[:, r, ok]), np.asarray(want.k[:, r, ok]),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.v[:, r, ok]), np.asarray(want.v[:, r, ok]),
+                                   rtol=1e-5, atol=1e-5)
