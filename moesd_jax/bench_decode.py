@@ -48,6 +48,18 @@ def bench_configs(d_model: int = 1024, layers: int = 8, experts: int = 32, top_k
     }
 
 
+def bench_shape_pair(seed: int = 0):
+    """(target, draft) for ``bench.py hf --bench-shape``: the MoE of :func:`bench_configs`
+    (random weights, stacked experts: the HF export reads them so; the benchmark switches
+    to the CPU decode layout after exporting) and a random dense 2-layer draft with the
+    same vocabulary (d 256: about 8% of the target's per-token bytes)."""
+    cfg = bench_configs()["moe"]
+    dcfg = ModelConfig(vocab_size=cfg.vocab_size, d_model=256, num_layers=2, num_heads=4,
+                       num_kv_heads=4, mlp_dim=1024, max_seq_len=cfg.max_seq_len,
+                       param_dtype="float32", compute_dtype="float32", eos_token_ids=())
+    return Transformer(cfg, nnx.Rngs(seed)), Transformer(dcfg, nnx.Rngs(seed + 1))
+
+
 def _weight_bytes(model: Transformer, routing_BTLK: np.ndarray | None) -> tuple[int, int]:
     """(bytes one step reads given its routing, total parameter bytes).
 

@@ -188,13 +188,22 @@ def compare_hf(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens: 
         raise ValueError("every prompt needs at least one token")
     validate_args(len(prompts), max_new_tokens, batches, k, torch_threads)
     torch, transformers = _import_torch()
+    from moesd_jax.models import moe
+    from moesd_jax.runtime import cpu_decode_layout
+
+    with tempfile.TemporaryDirectory(prefix="moesd_bench_hf_") as tmp:
+        hf_models = []
+        for name, m in (("target", target), ("draft", draft)):
+            # the export reads stacked experts; ours decode in the CPU layout after it
+            moe.stack_experts(m)
+            hf_models.append(load_torch_model(export_hf(m, Path(tmp) / name,
+                                                        dtype="float32")))
+            cpu_decode_layout(m)
+        hf_target, hf_draft = hf_models
     ar = _Ours(SpecDecoder(target, spec=SpecConfig(method="none"), eos_token_ids=()),
                max_new_tokens)
     sd = _Ours(SpecDecoder(target, draft, SpecConfig(method="draft", k=k), eos_token_ids=()),
                max_new_tokens)
-    with tempfile.TemporaryDirectory(prefix="moesd_bench_hf_") as tmp:
-        hf_target = load_torch_model(export_hf(target, Path(tmp) / "target", dtype="float32"))
-        hf_draft = load_torch_model(export_hf(draft, Path(tmp) / "draft", dtype="float32"))
     hf = _HF(hf_target, hf_draft, k, max_new_tokens)
     out: dict = {"prompts": len(prompts), "prompt_tokens": sorted({len(p) for p in prompts}),
                  "max_new_tokens": max_new_tokens, "k": k, "batches": batches,

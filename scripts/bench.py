@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                     help="batch sizes (must include 1: HF assisted is batch-1 only)")
     hp.add_argument("--k", type=int, default=4, help="draft tokens per round")
     hp.add_argument("--torch-threads", type=int, default=2)
+    hp.add_argument("--bench-shape", action="store_true",
+                    help="the memory-bound MoE shape of `bench.py decode` (random weights, "
+                         "3.6 GB float32) with a random dense draft, random prompts")
     hp.add_argument("--json", action="store_true")
     at = sub.add_parser("attention", help="decode step time vs cache capacity at a fixed "
                         "live context (attention follows the live length)")
@@ -495,13 +498,30 @@ def hf_cmd(args) -> int:
             raise ValueError(f"--prompt-tokens={args.prompt_tokens} must be >= 1")
         validate_args(args.prompts, args.max_new_tokens, args.batch, args.k,
                       args.torch_threads)
-        lm = load_models(args.model, args.draft, "draft")
-        tok = lm.tokenizer
-        if tok is None:
-            raise ValueError(f"{lm.target_path} has no tokenizer: held-out prompts need one")
-        texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
-        prompts = [tok.encode(t) for t in texts]
-        res = compare_hf(lm.target, lm.draft, prompts, args.max_new_tokens, args.batch,
+        if args.bench_shape:
+            if args.model or args.draft:
+                raise ValueError("--bench-shape builds its own pair; drop --model/--draft")
+            import numpy as np
+
+            from moesd_jax.bench_decode import bench_shape_pair
+
+            target, draft = bench_shape_pair()
+            rng = np.random.default_rng(0)
+            prompts = rng.integers(1, target.cfg.vocab_size,
+                                   (args.prompts, args.prompt_tokens)).tolist()
+            where = ("bench MoE shape (d 1024, 8 layers, 32 experts top-4, vocab 32000, "
+                     "random weights) and a random 2-layer dense draft (d 256)")
+        else:
+            lm = load_models(args.model, args.draft, "draft")
+            tok = lm.tokenizer
+            if tok is None:
+                raise ValueError(f"{lm.target_path} has no tokenizer: held-out prompts need "
+                                 "one")
+            texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
+            prompts = [tok.encode(t) for t in texts]
+            target, draft = lm.target, lm.draft
+            where = f"target {lm.target_path}, draft {lm.draft_path}"
+        res = compare_hf(target, draft, prompts, args.max_new_tokens, args.batch,
                          k=args.k, torch_threads=args.torch_threads)
     except (ValueError, ConfigError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -510,12 +530,11 @@ def hf_cmd(args) -> int:
         print(json.dumps(res))
         return 0
     load = " -> ".join("n/a" if x is None else f"{x:.1f}" for x in res["load_avg_1m"])
-    print(f"# hf: {res['prompts']} held-out prompts x {res['max_new_tokens']} new tokens, "
+    print(f"# hf: {res['prompts']} prompts x {res['max_new_tokens']} new tokens, "
           f"greedy, float32 weights on both sides, K={res['k']}; torch "
           f"{res['torch_version']} (threads={res['torch_threads']}), transformers "
           f"{res['transformers_version']}; {res['cpus']} CPUs, load average "
-          f"{load}; target {lm.target_path}, "
-          f"draft {lm.draft_path}")
+          f"{load}; {where}")
     print(format_table(res))
     return 0
 
