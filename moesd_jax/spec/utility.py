@@ -6,24 +6,28 @@ iteration's cost relative to a plain decode step:
     utility(K) = (1 + E[min(a, K)]) / cost(K)
     cost(K) = (K t_draft + t_target(B, K+1)) / t_target(B, 1)
 
-with ``a`` the drafts the request accepted in an iteration at the program's largest K
-(one measurement at K_max gives every smaller K: a draft within the first K is accepted
-at K exactly when it is at K_max, so accepting ``min(a, K)``), and the costs from the
-cost model (``analysis/cost_model.py``; ``cpu-measured`` on CPU) at the batch size.
-``utility(0) = 1`` (plain decoding). Utility < 1 means speculation slows the request
-down.
+with ``a`` the drafts the request accepted in a test iteration at the test's K_t (one
+measurement at K_t gives every K <= K_t: a draft within the first K is accepted at K
+exactly when it is at K_t, so accepting ``min(a, K)``; beyond K_t the rows that accepted
+all K_t drafts continue geometrically, with the per-draft acceptance rate estimated from
+the same test), and the costs timed on this device or from the cost model
+(``analysis/cost_model.py``) at the batch size. ``utility(0) = 1`` (plain decoding).
+Utility < 1 means speculation slows the request down.
 
 **Phases** (one schedule for the whole batch, counted in loop iterations, so that the
-batch's rows test together and the AR program runs when every row has chosen K = 0):
-a *test* phase of ``test_iters`` iterations drafts K_max for every row and records each
-row's accepted counts; at its end each row takes the K (0 or a candidate) with the best
-utility for the *set* phase of ``set_iters`` iterations; then the batch re-tests. A
-row's K is capped at the K with the most tokens per cost summed over the batch (the step
-pays for the largest K any row drafts; a row whose own best is smaller, e.g. 0, keeps
-it). When every row that was tested chose K = 0, the next set phase is twice as long (up to
-``max_backoff`` x ``set_iters``: speculation that keeps losing is re-tested ever more
-rarely, so its tests cost little); any other decision resets it. A row that has not been
-tested yet (it joined mid-phase) drafts K_max.
+batch's rows test together and the AR program runs when every row has chosen K = 0): a
+*test* phase of ``test_iters`` iterations drafts K_t for every row and records each
+row's accepted counts (K_t: the K the batch chose at its last decision, or the smallest
+candidate when that was 0 or at the start: a test costs what the batch already pays, or
+the least a test can, instead of K_max's iteration every time); at its end each row
+takes the K (0 or a candidate) with the best utility for the *set* phase of
+``set_iters`` iterations; then the batch re-tests. A row's K is capped at the K with the
+most tokens per cost summed over the batch (the step pays for the largest K any row
+drafts; a row whose own best is smaller, e.g. 0, keeps it). When every row that was
+tested chose K = 0, the next set phase is twice as long (up to ``max_backoff`` x
+``set_iters``: speculation that keeps losing is re-tested ever more rarely, so its tests
+cost little); any other decision resets it. A row that has not been tested yet (it
+joined mid-phase) drafts K_t.
 
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
@@ -53,7 +57,7 @@ class UtilityConfig:
 
     Attributes:
       candidates: K values (> 0, ascending) a row may choose; the largest is the
-        program's K_max, drafted during tests. 0 (plain decoding) is always a choice.
+        program's K_max. 0 (plain decoding) is always a choice.
       test_iters: iterations of a test phase.
       set_iters: iterations a decision holds before the batch re-tests.
       max_backoff: the longest set phase, in units of ``set_iters``, after repeated
@@ -95,8 +99,8 @@ class Controller:
     current test; ``chosen_B`` is the K of the set phase (-1 = not tested yet);
     ``log_BS3`` [B, S, 3] the decisions (global iteration, chosen K, its utility).
     ``iter`` counts the batch's iterations; ``phase_iter`` the iterations since the
-    current test began and ``set_len`` the current set phase's length (the phase clock,
-    batch-wide); ``sync_B`` is each row's
+    current test began, ``set_len`` the current set phase's length and ``test_k`` the K
+    the next (or current) test drafts (batch-wide); ``sync_B`` is each row's
     ``seq_len`` when its draft state was last brought up to date.
     """
 
@@ -110,6 +114,7 @@ class Controller:
     sync_B: jax.Array
     phase_iter: jax.Array
     set_len: jax.Array
+    test_k: jax.Array
 
 
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
@@ -122,7 +127,8 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
                       jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
                       jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(ucfg.set_iters, jnp.int32))
+                      jnp.asarray(ucfg.set_iters, jnp.int32),
+                      jnp.asarray(ucfg.candidates[0], jnp.int32))
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
@@ -130,18 +136,35 @@ def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
 
 
 def draft_limits(ucfg: UtilityConfig, c: Controller) -> jax.Array:
-    """int32 [B]: each row's K this iteration (K_max while testing or untested)."""
-    return jnp.where(in_test(ucfg, c) | (c.chosen_B < 0), ucfg.k_max, c.chosen_B)
+    """int32 [B]: each row's K this iteration (the test's K_t while testing or untested)."""
+    return jnp.where(in_test(ucfg, c) | (c.chosen_B < 0), c.test_k, c.chosen_B)
 
 
-def utilities(ucfg: UtilityConfig, hist_BA, cost_K) -> jax.Array:
+def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
     """float32 [B, K_max + 1]: utility(K) for K = 0..K_max from a test's histogram of
-    accepted drafts (rows with no test iterations: utility(0) = 1, others 0)."""
+    accepted drafts at ``test_k`` drafts (default K_max) per iteration (rows with no test
+    iterations: utility(0) = 1, others 0).
+
+    Up to ``test_k`` the expected tokens are measured: ``1 + E[min(a, K)]``. Beyond it,
+    the share of iterations that accepted all ``test_k`` drafts continues with
+    ``p + p^2 + ...``, ``p = S / (S + F + 1)`` the per-draft acceptance rate of the test
+    (S accepted drafts, F iterations that rejected one; the +1 keeps a short perfect test
+    from promising certainty).
+    """
     ka = ucfg.k_max + 1
+    test_k = ucfg.k_max if test_k is None else test_k
     a = jnp.arange(ka)
-    n = jnp.sum(hist_BA, axis=1, keepdims=True).astype(jnp.float32)
+    h = hist_BA.astype(jnp.float32)
+    n = jnp.sum(h, axis=1, keepdims=True)
     capped = jnp.minimum(a[:, None], a[None, :])  # [K, a]: min(a, K)
-    tokens = 1.0 + (hist_BA.astype(jnp.float32) @ capped.T.astype(jnp.float32)) / jnp.maximum(n, 1)
+    tokens = 1.0 + (h @ capped.T.astype(jnp.float32)) / jnp.maximum(n, 1)
+    succ = h @ a.astype(jnp.float32)  # [B]
+    fail = jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)
+    p = succ / (succ + fail + 1.0)
+    full = jnp.take(h, test_k, axis=1) / jnp.maximum(n[:, 0], 1)  # accepted all K_t
+    geo = jnp.cumsum(p[:, None] ** jnp.arange(1, ka, dtype=jnp.float32)[None, :], axis=1)
+    beyond = jnp.take(geo, jnp.clip(a - test_k - 1, 0, ka - 2), axis=1)  # [B, K]
+    tokens = tokens + jnp.where(a[None, :] > test_k, full[:, None] * beyond, 0.0)
     util = tokens / cost_K[None, :]
     return jnp.where(n > 0, util, jnp.where(a[None, :] == 0, 1.0, 0.0))
 
@@ -154,7 +177,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
     hist = c.hist_BA + add.astype(jnp.int32)
     last = testing & (c.phase_iter == ucfg.test_iters - 1)
-    util = utilities(ucfg, hist, c.cost_K)
+    util = utilities(ucfg, hist, c.cost_K, c.test_k)
     allowed = np.zeros(ka, bool)
     allowed[list(ucfg.branch_ks)] = True
     ok = jnp.asarray(allowed)[None, :]
@@ -179,10 +202,14 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
         2 * c.set_len, ucfg.max_backoff * ucfg.set_iters), ucfg.set_iters), c.set_len)
     phase = c.phase_iter + 1
     phase = jnp.where(phase >= ucfg.test_iters + set_len, 0, phase)
+    # the next test drafts what the batch chose (the smallest candidate if that is 0)
+    any_decided = jnp.any(decide)
+    test_k = jnp.where(any_decided, jnp.maximum(cap, ucfg.candidates[0]), c.test_k)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
                      util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
                      n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1,
-                     phase_iter=phase.astype(jnp.int32), set_len=set_len.astype(jnp.int32))
+                     phase_iter=phase.astype(jnp.int32), set_len=set_len.astype(jnp.int32),
+                     test_k=test_k.astype(jnp.int32))
 
 
 def decisions(c: Controller, row: int) -> list[dict]:

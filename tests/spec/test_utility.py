@@ -43,12 +43,15 @@ def test_utilities_from_a_histogram():
     # batch total tokens per cost here: K=0 2/1, K=1 3/1.5, K=2 4/2, K=4 6/3: a tie, so
     # the batch caps every row at K = 0 (the cheapest of the best)
     c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
+    assert int(c.test_k) == 1  # the first test drafts the smallest candidate
+    c = c.replace(test_k=jnp.asarray(4, jnp.int32))  # here: a test at K_max
     for n_acc in ([4, 0, 1], [4, 0, 1]):
         c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
     assert np.asarray(c.chosen_B).tolist() == [0, 0, -1]
+    assert int(c.test_k) == 1  # the batch chose 0: the next test is the cheapest
     # cheaper drafts: K=4 gives the batch (5 + 1) / 1.8 tokens per cost, the most
     cost = jnp.array([1.0, 1.2, 1.4, 1.6, 1.8])
-    c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
+    c = utility.init(u, 3, cost, jnp.array([5, 5, 5])).replace(test_k=jnp.asarray(4))
     for n_acc in ([4, 0, 1], [4, 0, 1]):  # the two test iterations
         c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
     # row 0: K=4 (utility 5/1.8); row 1 keeps its own best, plain decoding; row 2 idle
@@ -57,6 +60,7 @@ def test_utilities_from_a_histogram():
                                         "utility": pytest.approx(5 / 1.8)}]
     assert np.asarray(utility.draft_limits(u, c)).tolist() == [4, 0, 4]  # set phase
     assert int(c.set_len) == u.set_iters  # a row chose K > 0: no back-off
+    assert int(c.test_k) == 4  # the next test drafts what the batch chose
     # every tested row choosing K = 0 doubles the next set phase, up to max_backoff
     lose = utility.UtilityConfig(candidates=(1,), test_iters=1, set_iters=2, max_backoff=4)
     c = utility.init(lose, 1, jnp.array([1.0, 9.0]), jnp.array([5]))
@@ -68,6 +72,27 @@ def test_utilities_from_a_histogram():
     assert sorted(set(lens)) == [4, 8] and tests == 4  # 1+2... then 8-iteration sets
     with pytest.raises(ValueError, match="ascending"):
         utility.UtilityConfig(candidates=(4, 2)).validate()
+
+
+def test_utilities_beyond_the_test_k_continue_geometrically():
+    """A test at K_t = 1 measures K <= 1; rows that accepted every draft continue with
+    the test's acceptance rate p = S / (S + F + 1) beyond it."""
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    hist = jnp.array([[0, 2, 0, 0, 0],  # two iterations, both accepted their one draft
+                      [2, 0, 0, 0, 0],  # both rejected
+                      [1, 1, 0, 0, 0]])  # one of each
+    cost = jnp.ones(5)
+    tok = np.asarray(utility.utilities(u, hist, cost, 1))
+    p = 2 / 3
+    np.testing.assert_allclose(tok[0], [1, 2, 2 + p, 2 + p + p**2, 2 + p + p**2 + p**3],
+                               rtol=1e-6)
+    np.testing.assert_allclose(tok[1], [1] * 5)
+    q = 1 / 3  # S = 1, F = 1
+    np.testing.assert_allclose(tok[2], [1, 1.5, 1.5 + q / 2, 1.5 + (q + q**2) / 2,
+                                        1.5 + (q + q**2 + q**3) / 2], rtol=1e-6)
+    # the same histogram read as a test at K_max gives the measured values only
+    np.testing.assert_allclose(np.asarray(utility.utilities(u, hist, cost))[0],
+                               [1, 2, 2, 2, 2])
 
 
 def test_costs_one_formula():
