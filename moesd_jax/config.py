@@ -244,8 +244,7 @@ class BudgetConfig:
                                    or self.b < 1):
             raise ConfigError(f"{prefix}.b={self.b!r} must be a positive integer")
         if self.policy in ("moe_spec", "lossless") and self.b is None:
-            raise ConfigError(f"{prefix}.policy={self.policy!r} needs {prefix}.b "
-                              "(--budget-b B)")
+            raise ConfigError(f"{prefix}.policy={self.policy!r} needs {prefix}.b")
         if not 0.0 < self.mass <= 1.0:
             raise ConfigError(f"{prefix}.mass={self.mass} must be in (0, 1]")
         if self.truncate and self.policy not in ("moe_spec", "mass"):
