@@ -46,9 +46,15 @@ class MoEConfig:
         the backend; prefill always runs unbudgeted.
       budget: B, experts kept per layer per verification step (top-B by routing mass
         over the step's draft tokens; each row's root token keeps its own experts).
-      budget_policy: ``prune`` (lossless: tokens are never rerouted; draft tokens that
-        lose an expert are cut from acceptance) or ``substitute`` (MoE-Spec, lossy:
-        draft tokens re-pick their top-k among the kept experts).
+      budget_policy: how draft tokens are routed given the kept experts: ``prune``
+        (lossless: tokens are never rerouted; a draft token that loses an expert is
+        dropped, and the spec loop prunes it and its descendants), ``substitute``
+        (MoE-Spec, lossy: draft tokens re-pick their top-k among the kept experts) or
+        ``truncate`` (lossy: draft tokens keep only their kept natural experts).
+        Users set these through ``SpecConfig.budget`` (``spec/budget.py``).
+      budget_mass: None keeps the top-B experts by routing mass; a fraction f in (0, 1]
+        keeps experts in mass order until their mass reaches f of the total (at least
+        top_k, at most B).
       max_active: static cap A on distinct experts per layer per step for ``gather``;
         None = min(E, tokens * K), which never drops an expert.
       sparse_step: layer i is MoE iff (i + 1) % sparse_step == 0 (Qwen2-MoE's
@@ -65,7 +71,8 @@ class MoEConfig:
     dispatch: Dispatch = "gather"
     max_active: int | None = None
     budget: int | None = None
-    budget_policy: Literal["prune", "substitute"] = "prune"
+    budget_policy: Literal["prune", "substitute", "truncate"] = "prune"
+    budget_mass: float | None = None
     sparse_step: int = 1
     dense_layers: tuple[int, ...] = ()
 
@@ -82,6 +89,11 @@ class MoEConfig:
         if self.budget is not None and not self.top_k <= self.budget <= self.num_experts:
             raise ConfigError(f"{prefix}.budget={self.budget} must be in [{prefix}.top_k="
                               f"{self.top_k}, {prefix}.num_experts={self.num_experts}]")
+        if self.budget_policy not in ("prune", "substitute", "truncate"):
+            raise ConfigError(f"{prefix}.budget_policy={self.budget_policy!r} must be prune, "
+                              "substitute or truncate")
+        if self.budget_mass is not None and not 0.0 < self.budget_mass <= 1.0:
+            raise ConfigError(f"{prefix}.budget_mass={self.budget_mass} must be in (0, 1]")
         if self.max_active is not None and not 1 <= self.max_active <= self.num_experts:
             raise ConfigError(
                 f"{prefix}.max_active={self.max_active} must be in [1, {prefix}.num_experts="
@@ -188,6 +200,64 @@ class MeshConfig:
                 raise ConfigError(f"{prefix}.axes.{k}={v} must be >= 1 or -1")
 
 
+BUDGET_POLICIES = ("none", "moe_spec", "mass", "lossless")
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """A verification-time expert budget (DESIGN.md "Expert budgeting", ``spec/budget.py``).
+
+    Attributes:
+      policy: ``none``; ``moe_spec`` (MoE-Spec, lossy: per layer keep the top-B experts
+        by routing mass over the verified tokens, draft tokens re-pick their top-k among
+        them); ``mass`` (lossy: keep experts in mass order until ``mass`` of the total
+        routing mass is covered, at most B, then as ``moe_spec``); ``lossless`` (keep the
+        top-B by mass but never reroute: draft nodes that lose an expert are pruned with
+        their descendants; the output distribution is exactly the target's).
+      b: B, experts kept per MoE layer per verification forward (the root token's own
+        top-k come on top). Required for ``moe_spec`` and ``lossless``; None with
+        ``mass`` = no cap (E). Must lie in [top_k, E] of the target.
+      truncate: ``moe_spec``/``mass`` only: draft tokens drop their non-kept experts
+        instead of re-picking among the kept ones.
+      mass: ``mass`` only: the fraction of routing mass to cover, in (0, 1].
+      min_agreement: quality gate (``--budget-min-agreement``): before serving, measure
+        the token agreement of budgeted greedy output with unbudgeted greedy output on a
+        calibration prompt set and, while it is below this, double B (up to E), then fall
+        back to ``lossless`` (``spec.budget.calibrate``). None = no gate.
+    """
+
+    policy: Literal["none", "moe_spec", "mass", "lossless"] = "none"
+    b: int | None = None
+    truncate: bool = False
+    mass: float = 0.9
+    min_agreement: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def validate(self, prefix: str = "budget") -> None:
+        if self.policy not in BUDGET_POLICIES:
+            raise ConfigError(f"{prefix}.policy={self.policy!r} must be one of "
+                              f"{list(BUDGET_POLICIES)}")
+        if self.b is not None and (isinstance(self.b, bool) or not isinstance(self.b, int)
+                                   or self.b < 1):
+            raise ConfigError(f"{prefix}.b={self.b!r} must be a positive integer")
+        if self.policy in ("moe_spec", "lossless") and self.b is None:
+            raise ConfigError(f"{prefix}.policy={self.policy!r} needs {prefix}.b")
+        if not 0.0 < self.mass <= 1.0:
+            raise ConfigError(f"{prefix}.mass={self.mass} must be in (0, 1]")
+        if self.truncate and self.policy not in ("moe_spec", "mass"):
+            raise ConfigError(f"{prefix}.truncate goes with policy moe_spec or mass, not "
+                              f"{self.policy!r}")
+        if self.min_agreement is not None:
+            if not 0.0 <= self.min_agreement <= 1.0:
+                raise ConfigError(f"{prefix}.min_agreement={self.min_agreement} must be in "
+                                  "[0, 1]")
+            if self.policy == "none":
+                raise ConfigError(f"{prefix}.min_agreement needs a budget policy")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding.
@@ -211,6 +281,8 @@ class SpecConfig:
         ``auto_hardware``).
       auto_hardware: cost-model preset for ``auto_costs: model`` (``cpu-measured``
         calibrates this machine).
+      budget: the target's verification-time expert budget (:class:`BudgetConfig`);
+        prefill and plain decoding steps are never budgeted.
     """
 
     method: Literal["none", "draft", "ngram", "oracle", "eagle"] = "draft"
@@ -224,6 +296,7 @@ class SpecConfig:
     auto_hardware: str = "cpu-measured"
     auto_test_iters: int = 2
     auto_set_iters: int = 24
+    budget: BudgetConfig = BudgetConfig()
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -242,6 +315,9 @@ class SpecConfig:
             raise ConfigError(f"{prefix}.k={self.k} must be in [0, 32]")
         if self.ngram_n < 1:
             raise ConfigError(f"{prefix}.ngram_n={self.ngram_n} must be >= 1")
+        if not isinstance(self.budget, BudgetConfig):
+            raise ConfigError(f"{prefix}.budget={self.budget!r} must be a BudgetConfig")
+        self.budget.validate(f"{prefix}.budget")
         if self.auto:
             if self.method in ("none", "eagle"):
                 raise ConfigError(f"{prefix}.auto (--k auto) needs a draft, ngram or oracle "

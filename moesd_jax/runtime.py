@@ -52,7 +52,8 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
                 k: int = 4, tree: str | None = None, dispatch: str | None = None,
                 ngram_n: int = 2, mesh=None, param_dtype: str | None = "auto",
                 budget: int | None = None, budget_policy: str = "prune",
-                auto: bool = False, auto_costs: str = "measured") -> LoadedModels:
+                auto: bool = False, auto_costs: str = "measured",
+                spec_budget=None) -> LoadedModels:
     """Loads the target (and draft) from orbax checkpoints or HF directories.
 
     Args:
@@ -70,8 +71,11 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         dtype (XLA:CPU runs bf16 dots about 15x slower than f32, and casting bf16 weights
         on every step costs a copy of them), elsewhere the stored dtype; with no mesh
         ``auto`` also applies :func:`cpu_decode_layout`. None: as stored.
-      budget, budget_policy: a verification-time expert budget for the target
-        (:func:`with_expert_budget`); None: as configured.
+      budget, budget_policy: a verification-time expert budget set on the target itself
+        (:func:`with_expert_budget`, internal policy names); None: as configured.
+      spec_budget: a :class:`~moesd_jax.config.BudgetConfig` for ``SpecConfig.budget``
+        (``--budget``): the decoder applies it to a view of the target
+        (``spec/budget.py``); checked against the target here.
     """
     from moesd_jax.checkpoint import bundled_model_dir, load_model
 
@@ -84,8 +88,10 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         raise ConfigError(f"--draft given but --spec={spec!r}; use --spec draft (or eagle)")
     if spec == "eagle" and not draft:
         raise ConfigError("--spec eagle needs --draft PATH_TO_EAGLE_HEAD_DIR")
+    from moesd_jax.config import BudgetConfig
+
     spec_cfg = SpecConfig(method=spec, k=k, tree=tree, ngram_n=ngram_n, auto=auto,
-                          auto_costs=auto_costs)
+                          auto_costs=auto_costs, budget=spec_budget or BudgetConfig())
     spec_cfg.validate()
     if not Path(target_path).exists():
         raise ConfigError(f"--model {target_path!r} does not exist")
@@ -98,6 +104,10 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
                              param_dtype=_param_dtype(param_dtype, target_path))
     if budget is not None:
         with_expert_budget(target, budget, budget_policy)
+    if spec_cfg.budget.enabled:  # B against the target: fail before loading the draft
+        from moesd_jax.spec.budget import moe_fields
+
+        moe_fields(spec_cfg.budget, target.cfg.moe)
     draft_model, draft_path = None, None
     if spec == "draft":
         draft_path = str(draft) if draft else str(bundled_model_dir("draft"))

@@ -19,6 +19,11 @@
       the cost model's calibration check: predicted (cpu-measured preset, calibrated in
       the same run) vs measured forward times of the decode benchmark's MoE and dense
       shapes, error per point.
+  python scripts/bench.py budget [--workload bundled bench-shape --trees tree-31 tree-63
+                                  --policies lossless moe_spec --budgets 4 8 16 --batch 1]
+      verification-time expert budgets (spec/budget.py) swept over B per tree: unique
+      experts/layer, expert MB per verification, acceptance length, agreement with the
+      unbudgeted greedy output, tokens/s (moesd_jax/bench_budget.py).
 """
 
 from __future__ import annotations
@@ -119,6 +124,29 @@ def main(argv=None) -> int:
     ut.add_argument("--batch", type=int, default=10)
     ut.add_argument("--workloads", nargs="+", default=["code", "shuffled", "mix"])
     ut.add_argument("--json", action="store_true")
+    bu = sub.add_parser("budget", help="expert budgets: B vs experts, bytes, acceptance, "
+                        "agreement, tokens/s on trees")
+    bu.add_argument("--workload", nargs="+", choices=["bundled", "bench-shape"],
+                    default=["bundled", "bench-shape"],
+                    help="the bundled pair on held-out prompts and/or the memory-bound "
+                    "shape of bench.py decode (random weights, oracle drafter)")
+    bu.add_argument("--model", default=None, help="bundled workload: target (default: bundled)")
+    bu.add_argument("--draft", default=None, help="bundled workload: draft (default: bundled)")
+    bu.add_argument("--trees", nargs="+", default=["tree-31", "tree-63"])
+    bu.add_argument("--policies", nargs="+", default=["lossless", "moe_spec"],
+                    choices=["lossless", "moe_spec", "mass"])
+    bu.add_argument("--budgets", type=int, nargs="+", default=None,
+                    help="B values (default: top_k, E/4, E/2, E of each target)")
+    bu.add_argument("--mass", type=float, default=0.9, help="fraction for --policies mass")
+    bu.add_argument("--batch", type=int, default=1, help="rows per generate call")
+    bu.add_argument("--prompts", type=int, default=8)
+    bu.add_argument("--prompt-tokens", type=int, default=64)
+    bu.add_argument("--max-new", "--max-new-tokens", dest="max_new", type=int, default=64)
+    bu.add_argument("--repeats", type=int, default=3)
+    bu.add_argument("--oracle-acceptance", type=float, default=0.8)
+    bu.add_argument("--small", action="store_true",
+                    help="bench-shape: the tiny shape (d 64, 2 layers, E 8) to check quickly")
+    bu.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     from moesd_jax import benchmarks
@@ -130,6 +158,8 @@ def main(argv=None) -> int:
         return spec_cmd(args, benchmarks)
     if args.cmd == "decode":
         return decode_cmd(args)
+    if args.cmd == "budget":
+        return budget_cmd(args)
     if args.cmd == "costmodel":
         return costmodel_cmd(args)
     if args.cmd == "utility":
@@ -407,6 +437,72 @@ def step_costs(lm, args) -> dict:
     out["draft_over_target"] = out.get("draft T=1 ms", 0.0) / out["target T=1 ms"]
     out["verify5_over_step"] = out["target T=5 ms"] / out["target T=1 ms"]
     return out
+
+
+def budget_cmd(args) -> int:
+    from moesd_jax import bench_budget
+    from moesd_jax.config import ConfigError, SpecConfig
+    from moesd_jax.spec.tree import load_tree
+
+    if min(args.batch, args.prompts, args.max_new, args.repeats) < 1 or not (
+            0.0 <= args.oracle_acceptance <= 1.0):
+        print("error: --batch, --prompts, --max-new and --repeats must be >= 1 and "
+              "--oracle-acceptance in [0, 1]", file=sys.stderr)
+        return 2
+
+    def show(r):
+        if args.json:
+            print(json.dumps(r), flush=True)
+            return
+        print(f"{r['workload']:>11} {r['tree']:>8} {r['policy']:>8} {r['b']:>3} "
+              f"{r['unique_experts']:>7.2f} {r['natural_unique']:>7.2f} "
+              f"{r['expert_mb_per_verify']:>8.2f} {r['acceptance_length']:>7.3f} "
+              f"{r['agreement']:>6.3f} {r['mass_kept']:>6.3f} {r['nodes_pruned']:>6} "
+              f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}", flush=True)
+
+    if not args.json:
+        print(f"# budget: greedy, batch {args.batch}, {args.prompts} prompts x {args.max_new} "
+              f"new tokens, {args.repeats} timed repeats (median); agreement = token match "
+              "rate with the unbudgeted greedy output")
+        print(f"{'workload':>11} {'tree':>8} {'policy':>8} {'B':>3} {'uniq/L':>7} "
+              f"{'nat/L':>7} {'MB/verif':>8} {'acc len':>7} {'agree':>6} {'mass':>6} "
+              f"{'pruned':>6} {'tok/s':>8} {'spdup':>6}", flush=True)
+    try:
+        for wl in args.workload:
+            if wl == "bundled":
+                from moesd_jax.data import heldout_prompts
+                from moesd_jax.runtime import load_models
+
+                lm = load_models(args.model, args.draft, "draft")
+                texts = heldout_prompts(lm.tokenizer, n=args.prompts,
+                                        prompt_tokens=args.prompt_tokens)
+                target, draft = lm.target, lm.draft
+                prompts, ref = [lm.tokenizer.encode(t) for t in texts], None
+            else:  # one model and reference for every tree (deep enough for the deepest)
+                depth = max(load_tree(t).depth for t in args.trees)
+                target, prompts, ref = bench_budget.bench_shape_workload(
+                    args.small, args.prompts, min(args.prompt_tokens, 64), args.max_new, depth)
+                draft = None
+            for tree in args.trees:
+                if wl == "bench-shape":
+                    spec = SpecConfig(method="oracle", tree=tree,
+                                      oracle_acceptance=args.oracle_acceptance)
+                else:
+                    spec = SpecConfig(method="draft", tree=tree)
+                m = target.cfg.moe
+                budgets = args.budgets or sorted({m.top_k, max(m.top_k, m.num_experts // 4),
+                                                  max(m.top_k, m.num_experts // 2),
+                                                  m.num_experts})
+                bench_budget.budget_sweep(
+                    target, draft, spec, prompts, budgets=budgets, policies=args.policies,
+                    mass=args.mass, max_new=args.max_new, repeats=args.repeats,
+                    batch=args.batch, oracle_reference=ref,
+                    progress=lambda r, wl=wl, tree=tree: show({"workload": wl, "tree": tree,
+                                                               **r}))
+    except (ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def spec_cmd(args, benchmarks) -> int:

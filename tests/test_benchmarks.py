@@ -90,3 +90,27 @@ def test_costmodel_sweep_tiny_shape():
         assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
         assert 1 <= r["unique_experts"] <= min(8, 2 * r["tokens"] * 2)
         assert r["error"] == pytest.approx(r["predicted_ms"] / r["measured_ms"] - 1)
+
+
+def test_budget_sweep_tiny_shape():
+    """bench.py budget's harness on the tiny memory-bound shape with the oracle filling a
+    tree: lossless gives the unbudgeted tokens with at most B (+ the root's k) experts per
+    layer; every point carries the reported fields (timings are not asserted)."""
+    from moesd_jax import bench_budget
+    from moesd_jax.config import SpecConfig
+
+    target, prompts, ref = bench_budget.bench_shape_workload(True, 2, 8, 4, depth=3)
+    spec = SpecConfig(method="oracle", tree="tree-7", oracle_acceptance=0.8)
+    rows = bench_budget.budget_sweep(target, None, spec, prompts, budgets=[2],
+                                     policies=["lossless"], max_new=4, repeats=1, batch=2,
+                                     oracle_reference=ref)
+    assert [(r["policy"], r["b"]) for r in rows] == [("none", 8), ("lossless", 2)]
+    none, lossless = rows
+    assert lossless["equal_to_unbudgeted"] and lossless["agreement"] == 1.0
+    assert 0 < lossless["unique_experts"] <= 2 + 2 * 2  # B + the roots' top-k, 2 rows
+    assert lossless["unique_experts"] <= none["unique_experts"]
+    assert none["expert_mb_per_verify"] == pytest.approx(
+        none["unique_experts"] * 2 * 3 * 64 * 64 * 4 / 1e6)
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 1.0 <= r["acceptance_length"] <= 4.0
+        assert 0.0 < r["mass_kept"] <= 1.0

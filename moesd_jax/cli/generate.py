@@ -4,6 +4,12 @@ Examples:
   moesd-generate --prompt 'def fibonacci(n):' --max-new-tokens 48
   moesd-generate --model CKPT_OR_HF_DIR --spec ngram --k 4 --prompt-ids 1,2,3 --json
   moesd-generate --mesh ep --prompt 'import os'   # configs/mesh/ep.yaml
+  moesd-generate --tree tree-31 --budget lossless --budget-b 4 --prompt 'def f(x):'
+  moesd-generate --budget moe_spec --budget-b 4 --budget-min-agreement 0.9 --prompt ...
+
+``--budget-min-agreement`` calibrates on the run's own prompts (greedy, up to
+``--max-new-tokens``): the unbudgeted output is decoded once, then each budget of the
+fallback ladder until one agrees enough; the chosen budget is printed to stderr.
 
 The same command runs as ``python scripts/generate.py`` from a checkout or ``python -m
 moesd_jax.cli.generate``.
@@ -12,6 +18,7 @@ moesd_jax.cli.generate``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -67,6 +74,9 @@ def main(argv=None) -> int:
                     help="also record each prompt's routing per verify step ([steps, tokens, "
                     "layers, top_k] expert ids; analysis/routing.py) into this file, for "
                     "scripts/analyze_routing.py --traces")
+    from moesd_jax.cli.budget_args import add_budget_arguments
+
+    add_budget_arguments(ap)
     args = ap.parse_args(argv)
 
     from moesd_jax.config import ConfigError
@@ -86,7 +96,16 @@ def main(argv=None) -> int:
                 raise ValueError(f"--prompt needs a tokenizer and {lm.target_path} has none; "
                                  "use --prompt-ids")
             prompts = [tok.encode(p) for p in args.prompt] + prompts
-        dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=args.max_len, mesh=args.mesh)
+        spec = lm.spec
+        if spec.budget.min_agreement is not None:
+            from moesd_jax.spec.budget import calibrate
+
+            gate = calibrate(lm.target, lm.draft, spec, prompts, args.max_new_tokens,
+                             decoder_kwargs=dict(max_len=args.max_len, mesh=args.mesh))
+            spec = dataclasses.replace(spec, budget=gate.budget)
+            print(f"# budget gate: {gate.budget.policy} B={gate.budget.b} agreement="
+                  f"{gate.agreement:.3f} (tried {gate.tried})", file=sys.stderr)
+        dec = SpecDecoder(lm.target, lm.draft, spec, max_len=args.max_len, mesh=args.mesh)
         kw = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed)
         if args.routing_trace:
@@ -100,7 +119,9 @@ def main(argv=None) -> int:
         else:
             results = dec.generate(prompts, args.max_new_tokens, **kw)
     except (ValueError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from moesd_jax.cli.budget_args import option_names
+
+        print(f"error: {option_names(str(e))}", file=sys.stderr)
         return 2
     from moesd_jax.distributed import is_primary
 
@@ -118,6 +139,7 @@ def main(argv=None) -> int:
 
 
 def load(args):
+    from moesd_jax.cli.budget_args import budget_from_args
     from moesd_jax.runtime import load_models
 
     if args.mesh:  # joins a multi-process run when JAX_COORDINATOR_ADDRESS etc. are set
@@ -127,7 +149,7 @@ def load(args):
     auto = args.k == "auto"
     return load_models(args.model, args.draft, args.spec, k=4 if auto else args.k,
                        tree=args.tree, dispatch=args.dispatch, mesh=args.mesh, auto=auto,
-                       auto_costs=args.auto_costs)
+                       auto_costs=args.auto_costs, spec_budget=budget_from_args(args))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,15 @@ With no arguments it serves the bundled target with the bundled draft model::
 
     moesd-serve                       # http://127.0.0.1:8000/v1
     moesd-serve --model ckpt/ --spec ngram --k 4 --slots 8 --port 8080
+    moesd-serve --tree tree-31 --budget lossless --budget-b 8   # server-wide budget
 
     curl http://127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
       -d '{"prompt": "def main(", "max_tokens": 32, "temperature": 0}'
+
+An expert budget (``--budget``) is server-wide: the kept experts are chosen over every
+row of a verification forward, and each B is its own compiled step, so requests cannot
+choose their own. ``--budget-min-agreement A`` calibrates it at start-up on the prompts of
+``--budget-calibration FILE`` (one text prompt per line).
 
 SIGTERM / Ctrl-C: new requests are refused, requests in flight finish, then it exits.
 Compiled programs are cached under ``~/.cache/moesd_jax/xla`` (``--compile-cache``), so a
@@ -70,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--routing-trace-steps", type=int, default=256,
                    help="verify steps recorded per request with --routing-trace")
     p.add_argument("--log-level", default="warning")
+    from moesd_jax.cli.budget_args import add_budget_arguments
+
+    add_budget_arguments(p)
+    p.add_argument("--budget-calibration", default=None, metavar="FILE",
+                   help="with --budget-min-agreement: calibration prompts, one per line")
     return p.parse_args(argv)
 
 
@@ -90,9 +101,22 @@ def main(argv=None) -> int:
         k = args.k if args.k is not None else ("auto" if args.spec is None else "4")
         if k != "auto" and not k.lstrip("-").isdigit():
             raise ValueError(f"--k {k!r} must be an integer or 'auto'")
+        from moesd_jax.cli.budget_args import budget_from_args
+
         spec = SpecConfig(method=args.spec or "draft", k=4 if k == "auto" else int(k),
-                          tree=args.tree, auto=k == "auto", auto_costs=args.auto_costs)
+                          tree=args.tree, auto=k == "auto", auto_costs=args.auto_costs,
+                          budget=budget_from_args(args))
         spec.validate()
+        calib = None
+        if spec.budget.min_agreement is not None:
+            if not args.budget_calibration:
+                raise ValueError("--budget-min-agreement needs --budget-calibration FILE "
+                                 "(calibration prompts, one per line)")
+            with open(args.budget_calibration) as f:
+                calib = [line.rstrip("\n") for line in f if line.strip()]
+            if not calib:
+                raise ValueError(f"--budget-calibration {args.budget_calibration!r} has no "
+                                 "prompts")
         buckets = None
         if args.prefill_buckets:
             buckets = [int(x) for x in args.prefill_buckets.split(",") if x.strip()]
@@ -105,21 +129,26 @@ def main(argv=None) -> int:
         eng, tok, name = engine.load_engine(
             args.model, args.draft, spec, slots=args.slots, max_len=args.max_len,
             max_queue=args.max_queue, prefill_buckets=buckets, mesh=args.mesh,
-            dispatch=args.dispatch, tokenizer=args.tokenizer, **trace_kw)
+            dispatch=args.dispatch, tokenizer=args.tokenizer, calibration_prompts=calib,
+            **trace_kw)
         if args.routing_trace:
             from moesd_jax.analysis.routing import TraceFile
 
             m = eng.decoder.target.cfg.moe
             eng.trace_sink = TraceFile(args.routing_trace, m.num_experts, m.top_k)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from moesd_jax.cli.budget_args import option_names
+
+        print(f"error: {option_names(str(e))}", file=sys.stderr)
         return 2
     name = args.served_model_name or name
     eng.start()
 
     def ready(url: str) -> None:
         kdesc = f"auto {list(spec.candidates)}" if spec.auto else eng.cfg.k_eff
-        print(f"moesd_jax serving {name} at {url} (spec={spec.method} k={kdesc} "
+        b = eng.spec.budget
+        bdesc = f" budget={b.policy}:{b.b}" if b.enabled else ""
+        print(f"moesd_jax serving {name} at {url} (spec={spec.method} k={kdesc}{bdesc} "
               f"slots={eng.slots} max_len={eng.max_len}; ready in "
               f"{time.perf_counter() - t0:.1f} s)", flush=True)
 

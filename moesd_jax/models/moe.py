@@ -256,9 +256,10 @@ class MoEBlock(nnx.Module):
         """Verification-time expert budget (DESIGN.md "Expert budgeting").
 
         Draft tokens (valid, non-root) are routed by ``budgeted_dispatch`` under budget B
-        (``MoEConfig.budget_policy``); root tokens keep their natural routing. Under
-        ``prune`` a draft token that loses an expert gets all its assignments dropped
-        (id E): the routing trace shows it, and the spec loop cuts acceptance there.
+        (``MoEConfig.budget_policy``, ``budget_mass``); root tokens keep their natural
+        routing. Under ``prune`` a draft token that loses an expert gets all its
+        assignments dropped (id E): the routing trace shows it, the transformer drops it
+        and its descendants from later layers, and the spec loop cuts acceptance there.
         """
         from moesd_jax.pallas.budgeted_dispatch import budgeted_dispatch
 
@@ -269,7 +270,8 @@ class MoEBlock(nnx.Module):
         plan = budgeted_dispatch(probs_TE, top_k=m.top_k, budget=m.budget,
                                  policy=m.budget_policy, norm_topk_prob=m.norm_topk_prob,
                                  token_valid_T=valid & ~root,
-                                 backend=None if kernel else "xla")
+                                 backend=None if kernel else "xla",
+                                 mass_fraction=m.budget_mass)
         keep_nat = (root & valid)[:, None]
         return (jnp.where(keep_nat, ids_TK, plan.ids_TK),
                 jnp.where(keep_nat, w_TK, plan.combine_TK))
@@ -286,7 +288,7 @@ class MoEBlock(nnx.Module):
         return probs_TE, ids, w
 
     def __call__(self, x_TD: jax.Array, token_valid_T=None, dispatch: str | None = None,
-                 root_T=None, plan=None):
+                 root_T=None, plan=None, stats_valid_T=None, return_stats: bool = False):
         """Returns (y_TD, ids_TK) for T tokens (batch rows flattened into T).
 
         ``plan``: a ``sharding.ShardingPlan`` that shards experts runs the dispatch
@@ -295,16 +297,26 @@ class MoEBlock(nnx.Module):
         ``root_T`` marks each row's root (pending) token for budgeted dispatch: roots keep
         their natural experts outside the budget, so every verification step commits at
         least one token.
+
+        ``return_stats``: also return budget statistics, float32 [3] over the tokens of
+        ``stats_valid_T`` (default ``token_valid_T``; the transformer passes the tokens
+        verified before any were pruned): (distinct experts of their natural top-k
+        routing = what an unbudgeted forward loads, routing mass on the experts this
+        forward loads, their total routing mass). Zeros without a budget.
         """
         m = self.cfg.moe
         name = dispatch or m.dispatch
         with jax.named_scope("moe_route"):
             probs, ids, w = self.route(x_TD, token_valid_T)
+        stats = jnp.zeros((3,), jnp.float32)
         if name.endswith("_budgeted"):
             name = name.removesuffix("_budgeted")
             with jax.named_scope("moe_budget"):
                 ids, w = self.apply_budget(probs, ids, w, token_valid_T, root_T,
                                            kernel=name == "pallas")
+                if return_stats:
+                    stats = self._budget_stats(probs, ids, stats_valid_T
+                                               if stats_valid_T is not None else token_valid_T)
         with jax.named_scope("moe_dispatch"):
             # expert-parallel shard_map around the backend when the plan shards experts
             fn = expert_parallel(plan, DISPATCH[name])
@@ -317,4 +329,21 @@ class MoEBlock(nnx.Module):
                     gate = jax.nn.sigmoid(x_TD @ self.shared_gate_D1[...].astype(x_TD.dtype))
                     s = gate * s
                 y = y + s
+        if return_stats:
+            return y, ids, stats
         return y, ids
+
+    def _budget_stats(self, probs_TE, ids_TK, valid_T):
+        """(natural distinct experts, mass on loaded experts, total mass) over valid_T."""
+        m = self.cfg.moe
+        e = m.num_experts
+        t = probs_TE.shape[0]
+        valid_T = jnp.ones((t,), jnp.bool_) if valid_T is None else valid_T
+        nat_TK, _ = route_topk(probs_TE, m.top_k, False)
+        nat_TK = jnp.where(valid_T[:, None], nat_TK, e).reshape(-1)
+        natural_E = jnp.zeros((e + 1,), jnp.bool_).at[nat_TK].set(True)[:e]
+        loaded_E = jnp.zeros((e + 1,), jnp.bool_).at[ids_TK.reshape(-1)].set(True)[:e]
+        p_TE = jnp.where(valid_T[:, None], probs_TE, 0.0)
+        return jnp.stack([jnp.sum(natural_E).astype(jnp.float32),
+                          jnp.sum(jnp.where(loaded_E[None, :], p_TE, 0.0)),
+                          jnp.sum(p_TE)])

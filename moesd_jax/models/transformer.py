@@ -33,7 +33,8 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.d_model, cfg.mlp_dim, cfg.param_dtype, rngs)
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
-                 token_valid_BT, dispatch, root_BT=None, write_offsets_T=None, plan=None):
+                 token_valid_BT, dispatch, root_BT=None, write_offsets_T=None, plan=None,
+                 stats_valid_BT=None):
         b, t, d = x_BTD.shape
         with jax.named_scope("attention"):
             a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
@@ -41,17 +42,19 @@ class DecoderLayer(nnx.Module):
                                             write_offsets_T)
         x_BTD = x_BTD + a
         h = self.ffn_norm(x_BTD)
-        ids = None
+        ids, stats = None, None
         if self.is_moe:
             valid = None if token_valid_BT is None else token_valid_BT.reshape(b * t)
             root = None if root_BT is None else root_BT.reshape(b * t)
-            y, ids = self.moe(h.reshape(b * t, d), valid, dispatch, root, plan)
+            sv = None if stats_valid_BT is None else stats_valid_BT.reshape(b * t)
+            y, ids, stats = self.moe(h.reshape(b * t, d), valid, dispatch, root, plan,
+                                     stats_valid_T=sv, return_stats=True)
             y = y.reshape(b, t, d)
             ids = ids.reshape(b, t, -1)
         else:
             with jax.named_scope("mlp"):
                 y = self.mlp(h)
-        return x_BTD + y, k_cache, v_cache, ids
+        return x_BTD + y, k_cache, v_cache, ids, stats
 
 
 class Transformer(nnx.Module):
@@ -76,7 +79,8 @@ class Transformer(nnx.Module):
                  tree_mask: jax.Array | None = None, token_valid_BT: jax.Array | None = None,
                  return_routing: bool = False, dispatch: str | None = None,
                  root_BT: jax.Array | None = None, write_offsets_T: jax.Array | None = None,
-                 hidden_layers: tuple[int, ...] | None = None, plan=None):
+                 hidden_layers: tuple[int, ...] | None = None, plan=None,
+                 return_budget_stats: bool = False):
         """Forward T new tokens per row.
 
         Args:
@@ -98,24 +102,46 @@ class Transformer(nnx.Module):
             (a feature-level drafter such as EAGLE reads them from the verify forward).
           plan: the ``sharding.ShardingPlan`` the parameters are laid out by; MoE layers
             dispatch expert-parallel when it shards experts. None = one device.
+          return_budget_stats: also return per-MoE-layer expert-budget statistics.
+
+        Under a lossless (``prune``) budgeted dispatch with ``root_BT`` given (a
+        verification forward), a token that lost an expert in one MoE layer is dropped,
+        with every token that has it as an ancestor (``tree_mask``; causal for chains),
+        from the later layers' dispatch: its hidden state is no longer the target's, so
+        loading experts for it would be wasted (the spec loop prunes it anyway).
 
         Returns:
           (logits_BTV float32, cache with K/V written and lengths unchanged,
            routing int16 [B, T, L_moe, K] or None), plus, with ``hidden_layers``, the
-           hidden states ``[B, T, len(hidden_layers) * D]`` in the compute dtype.
+           hidden states ``[B, T, len(hidden_layers) * D]`` in the compute dtype, plus,
+           with ``return_budget_stats``, float32 [L_moe, 3] (``MoEBlock`` ``return_stats``:
+           natural distinct experts, loaded routing mass, total routing mass; zeros
+           without a budget).
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.compute_dtype)
         x = self.embed(tokens_BT, dt)
         k_cache, v_cache, start = cache.k, cache.v, cache.lengths
-        routing = []
+        routing, bstats = [], []
         hidden = {}
+        prune = self._prunes(dispatch, root_BT, tree_mask, tokens_BT.shape)
+        valid = token_valid_BT
+        if prune and valid is None:
+            valid = jnp.ones(tokens_BT.shape, jnp.bool_)
         for i, layer in enumerate(self.layers):
-            x, k_cache, v_cache, ids = layer(x, positions_BT, k_cache, v_cache, start,
-                                             tree_mask, token_valid_BT, dispatch, root_BT,
-                                             write_offsets_T, plan)
+            x, k_cache, v_cache, ids, st = layer(x, positions_BT, k_cache, v_cache, start,
+                                                 tree_mask, valid, dispatch, root_BT,
+                                                 write_offsets_T, plan, token_valid_BT)
             if ids is not None:
                 routing.append(ids)
+                bstats.append(st)
+                if prune:  # drop tokens that lost an expert, and their descendants
+                    e = cfg.moe.num_experts
+                    dead_BT = valid & jnp.any(ids >= e, axis=-1)
+                    anc = (jnp.tril(jnp.ones((tokens_BT.shape[1],) * 2, jnp.bool_))
+                           if tree_mask is None else tree_mask.astype(jnp.bool_))
+                    anc_BTT = jnp.broadcast_to(anc, (tokens_BT.shape[0],) + anc.shape[-2:])
+                    valid = valid & ~jnp.any(anc_BTT & dead_BT[:, None, :], axis=-1)
             if hidden_layers is not None and i in hidden_layers:
                 hidden[i] = x
         x = self.final_norm(x)
@@ -128,14 +154,25 @@ class Transformer(nnx.Module):
         rt = None
         if return_routing and routing:
             rt = jnp.stack(routing, axis=2).astype(jnp.int16)
+        extra = ()
+        if return_budget_stats:
+            extra = (jnp.stack(bstats) if bstats else jnp.zeros((0, 3), jnp.float32),)
         if hidden_layers is not None:
             bad = [i for i in hidden_layers if not 0 <= i < cfg.num_layers]
             if bad:
                 raise ValueError(f"hidden_layers={list(hidden_layers)}: layer {bad[0]} is "
                                  f"outside [0, {cfg.num_layers})")
             feats = jnp.concatenate([hidden[i] for i in hidden_layers], axis=-1)
-            return logits.astype(jnp.float32), new_cache, rt, feats
-        return logits.astype(jnp.float32), new_cache, rt
+            return (logits.astype(jnp.float32), new_cache, rt, feats) + extra
+        return (logits.astype(jnp.float32), new_cache, rt) + extra
+
+    def _prunes(self, dispatch, root_BT, tree_mask, shape_BT) -> bool:
+        """Whether this forward is a lossless-budget verification (static)."""
+        m = self.cfg.moe
+        name = dispatch or (m.dispatch if m is not None else "")
+        return (m is not None and name.endswith("_budgeted") and m.budget_policy == "prune"
+                and root_BT is not None and shape_BT[1] > 1
+                and (tree_mask is None or tree_mask.shape[-1] == shape_BT[1]))
 
 
 def apply(graphdef, state, *args, **kwargs):

@@ -2,9 +2,16 @@
 
 Legend: T tokens, E experts, K top-k, B budget, A kept-expert cap, N row tiles.
 
-Expert selection (both policies). ``mass_E = sum over valid tokens of probs_TE``; the kept
-set is ``top-B experts by mass  U  the natural top-k experts of every valid root token``,
-capped at A slots:
+Expert selection (every policy). ``mass_E = sum over valid tokens of probs_TE``; the kept
+set is ``the mass-selected experts  U  the natural top-k experts of every valid root
+token``, capped at A slots. Mass selection (static ``mass_fraction``):
+
+* None (MoE-Spec's top-B): the top-B experts by mass;
+* f in (0, 1] (MoE-Spec's threshold mode): experts in mass order while the mass of the
+  experts before them is below ``f * sum(mass_E)`` (so the expert that crosses the
+  threshold is kept), at least the first K (tokens then still find K experts), at most B.
+
+The cap A:
 
 * without ``root_T``: A = min(E, B);
 * with ``root_T``: A = min(E, B + K). With one root (the draft-tree root; vmap over
@@ -16,11 +23,15 @@ capped at A slots:
 
 ``kept_A`` lists the kept experts in that priority order, padded with E.
 
-Policies:
+Policies (how tokens are routed among the kept experts):
 
 * ``substitute`` (MoE-Spec, lossy): each valid token takes its top-k among the kept
   experts; combine = the chosen experts' probs, renormalised over them iff
   ``norm_topk_prob``. If fewer than K experts are kept the missing picks are dropped.
+  ``alive_T`` = token_valid_T.
+* ``truncate`` (lossy): each valid token keeps only those of its natural top-k experts
+  that are kept, with their natural probs renormalised over them iff
+  ``norm_topk_prob`` (a token with no kept expert gets no routed output).
   ``alive_T`` = token_valid_T.
 * ``prune`` (lossless): each token keeps its natural top-k and natural weights;
   ``alive_T[t]`` = valid and all of t's natural experts are kept. Assignments of
@@ -61,7 +72,7 @@ from moesd_jax.pallas.expert_gather import (
     register_export_serialization,
 )
 
-POLICIES = ("prune", "substitute")
+POLICIES = ("prune", "substitute", "truncate")
 MAX_KERNEL_TOKENS = 2048
 
 
@@ -124,9 +135,10 @@ def route_topk(probs_TE: jax.Array, top_k: int, norm_topk_prob: bool):
     return ids_TK.astype(jnp.int32), w_TK
 
 
-def _select_experts_ref(probs_TE, valid_T, root_T, *, top_k, budget, max_active):
-    """(kept_A int32 [A], kept_E bool [E]) by sorting: independent of the kernel's
-    pairwise ranks."""
+def _select_experts_ref(probs_TE, valid_T, root_T, *, top_k, budget, max_active,
+                        mass_fraction=None):
+    """(kept_A int32 [A], kept_E bool [E]) by sorting and cumsums: independent of the
+    kernel's pairwise ranks and masked sums."""
     t, e = probs_TE.shape
     mass_E = jnp.sum(jnp.where(valid_T[:, None], probs_TE, 0.0), axis=0)        # [E]
     nat_TK, _ = route_topk(probs_TE, top_k, False)
@@ -138,7 +150,12 @@ def _select_experts_ref(probs_TE, valid_T, root_T, *, top_k, budget, max_active)
     prio_order_E = jnp.lexsort((expert_E, -mass_E, ~root_E))
     mass_rank_E = jnp.zeros((e,), jnp.int32).at[mass_order_E].set(expert_E)
     prio_rank_E = jnp.zeros((e,), jnp.int32).at[prio_order_E].set(expert_E)
-    kept_E = (root_E | (mass_rank_E < budget)) & (prio_rank_E < max_active)
+    by_mass_E = mass_rank_E < budget
+    if mass_fraction is not None:
+        sorted_E = mass_E[mass_order_E]
+        before_E = (jnp.cumsum(sorted_E) - sorted_E)[mass_rank_E]  # mass ranked ahead
+        by_mass_E &= (mass_rank_E < top_k) | (before_E < mass_fraction * jnp.sum(mass_E))
+    kept_E = (root_E | by_mass_E) & (prio_rank_E < max_active)
     num_kept = jnp.sum(kept_E.astype(jnp.int32))
     # Kept experts are a prefix of the priority order.
     kept_A = jnp.where(jnp.arange(max_active) < num_kept,
@@ -154,7 +171,8 @@ def _normalise(w_TK, norm_topk_prob):
 
 
 def budgeted_dispatch_ref(probs_TE, *, top_k, budget, policy, norm_topk_prob,
-                          token_valid_T=None, root_T=None, block_rows=8) -> BudgetPlan:
+                          token_valid_T=None, root_T=None, block_rows=8,
+                          mass_fraction=None) -> BudgetPlan:
     """Pure-jnp reference of :func:`budgeted_dispatch` (lax.top_k, sorts, cumsums).
 
     Same arguments and result; ``block_rows`` sizes the returned layout.
@@ -166,11 +184,16 @@ def budgeted_dispatch_ref(probs_TE, *, top_k, budget, policy, norm_topk_prob,
     root_T = jnp.zeros((t,), bool) if root_T is None else root_T.astype(bool)
     a = kept_capacity(e, top_k, budget, has_root)
     kept_A, kept_E = _select_experts_ref(p_TE, valid_T, root_T, top_k=top_k,
-                                         budget=budget, max_active=a)
+                                         budget=budget, max_active=a,
+                                         mass_fraction=mass_fraction)
     if policy == "substitute":
         score_TE = jnp.where(kept_E[None, :], p_TE, -1.0)
         w_TK, ids_TK = jax.lax.top_k(score_TE, top_k)
         ok_TK = valid_T[:, None] & (w_TK >= 0)
+        alive_T = valid_T
+    elif policy == "truncate":
+        ids_TK, w_TK = route_topk(p_TE, top_k, False)
+        ok_TK = valid_T[:, None] & kept_E[ids_TK]
         alive_T = valid_T
     else:
         ids_TK, w_TK = route_topk(p_TE, top_k, False)
@@ -208,7 +231,7 @@ def _dispatch_kernel(probs_ref, valid_ref, root_ref,
                      ids_ref, combine_ref, alive_ref, kept_e_ref, kept_a_ref, slot_ref,
                      tile_expert_ref, num_used_ref, *,
                      num_experts, top_k, budget, max_active, policy, norm_topk_prob,
-                     block_rows, num_tiles):
+                     block_rows, num_tiles, mass_fraction):
     """Whole-array refs (shapes possibly padded, real sizes are the static args):
     probs [T, E] f32 (padded experts hold -1), valid/root [T, 1] f32 (0/1);
     outputs ids/combine/slot [T, K], alive [T, 1], kept_e [1, E], kept_a [A, 1],
@@ -241,8 +264,13 @@ def _dispatch_kernel(probs_ref, valid_ref, root_ref,
     by_prio_EE = (root_E1 > root_1E) | ((root_E1 == root_1E) & by_mass_EE)
     mass_rank_1E = jnp.sum(jnp.where(by_mass_EE, 1.0, 0.0), axis=0, keepdims=True)
     prio_rank_1E = jnp.sum(jnp.where(by_prio_EE, 1.0, 0.0), axis=0, keepdims=True)
-    kept_1E = (((root_1E > 0) | (mass_rank_1E < budget)) & (prio_rank_1E < max_active)
-               & (col_1E < e))
+    by_mass_1E = mass_rank_1E < budget
+    if mass_fraction is not None:  # mass of the experts ranked ahead of each expert
+        before_1E = jnp.sum(jnp.where(by_mass_EE, mass_E1, 0.0), axis=0, keepdims=True)
+        total_11 = jnp.sum(jnp.where(col_1E < e, mass_1E, 0.0), axis=1, keepdims=True)
+        by_mass_1E = by_mass_1E & ((mass_rank_1E < top_k)
+                                   | (before_1E < mass_fraction * total_11))
+    kept_1E = (((root_1E > 0) | by_mass_1E) & (prio_rank_1E < max_active) & (col_1E < e))
     kept_f_1E = jnp.where(kept_1E, 1.0, 0.0)
     match_AE = (_iota((ap, ep), 0) == prio_rank_1E) & kept_1E
     kept_A1 = (jnp.sum(jnp.where(match_AE, _iota((ap, ep), 1), 0.0), axis=1, keepdims=True)
@@ -253,6 +281,11 @@ def _dispatch_kernel(probs_ref, valid_ref, root_ref,
     if policy == "substitute":
         picks = _topk_columns(jnp.where(kept_1E, p_TE, -1.0), top_k, col_TE, e)
         ok = [valid_T1 & (val_T1 >= 0) for _, val_T1 in picks]
+        alive_T1 = valid_T1
+    elif policy == "truncate":
+        picks = nat
+        ok = [valid_T1 & (jnp.sum(jnp.where(col_TE == idx_T1, kept_f_1E, 0.0), axis=1,
+                                  keepdims=True) > 0) for idx_T1, _ in nat]
         alive_T1 = valid_T1
     else:
         picks = nat
@@ -318,7 +351,7 @@ def _next_pow2(n, minimum=1):
 
 
 def _dispatch_pallas(p_TE, valid_T, root_T, *, platform, interpret, top_k, budget,
-                     max_active, policy, norm_topk_prob, block_rows):
+                     max_active, policy, norm_topk_prob, block_rows, mass_fraction=None):
     t, e = p_TE.shape
     n_tiles = num_row_tiles(t * top_k, max_active, block_rows)
     if platform == "tpu":
@@ -346,7 +379,7 @@ def _dispatch_pallas(p_TE, valid_T, root_T, *, platform, interpret, top_k, budge
     kernel = functools.partial(
         _dispatch_kernel, num_experts=e, top_k=top_k, budget=budget, max_active=max_active,
         policy=policy, norm_topk_prob=norm_topk_prob, block_rows=block_rows,
-        num_tiles=n_tiles)
+        num_tiles=n_tiles, mass_fraction=mass_fraction)
     ids, combine, alive, kept_e, kept_a, slot, tile_expert, used = pl.pallas_call(
         kernel, out_shape=out_shape, compiler_params=params, interpret=interpret,
         name="budgeted_dispatch")(p_pad, valid_pad, root_pad)
@@ -365,7 +398,7 @@ def _dispatch_pallas(p_TE, valid_T, root_T, *, platform, interpret, top_k, budge
 
 
 def _validate_inputs(probs_TE, *, top_k, budget, policy, token_valid_T, root_T, platform,
-                     block_rows):
+                     block_rows, mass_fraction=None):
     if probs_TE.ndim != 2:
         raise ValueError(f"probs_TE must be [T, E], got shape {probs_TE.shape}")
     if not jnp.issubdtype(probs_TE.dtype, jnp.floating):
@@ -377,6 +410,8 @@ def _validate_inputs(probs_TE, *, top_k, budget, policy, token_valid_T, root_T, 
         raise ValueError(f"budget must be >= 1, got {budget}")
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if mass_fraction is not None and not 0.0 < mass_fraction <= 1.0:
+        raise ValueError(f"mass_fraction must be in (0, 1] or None, got {mass_fraction}")
     for name, v in (("token_valid_T", token_valid_T), ("root_T", root_T)):
         if v is not None and v.shape != (t,):
             raise ValueError(f"{name} must have shape [T]=({t},), got {v.shape}")
@@ -390,7 +425,7 @@ def _validate_inputs(probs_TE, *, top_k, budget, policy, token_valid_T, root_T, 
 @functools.partial(
     jax.jit,
     static_argnames=("top_k", "budget", "policy", "norm_topk_prob", "block_rows", "backend",
-                     "interpret"))
+                     "interpret", "mass_fraction"))
 def budgeted_dispatch(
     probs_TE: jax.Array,
     *,
@@ -403,6 +438,7 @@ def budgeted_dispatch(
     block_rows: int | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
+    mass_fraction: float | None = None,
 ) -> BudgetPlan:
     """Route T tokens to experts while loading at most B (+ root's K) experts.
 
@@ -412,7 +448,7 @@ def budgeted_dispatch(
       probs_TE: [T, E] router probabilities (softmax over E).
       top_k: K.
       budget: B >= 1, experts kept by mass (B >= E keeps every expert with any mass).
-      policy: ``"prune"`` (lossless) or ``"substitute"`` (MoE-Spec).
+      policy: ``"prune"`` (lossless), ``"substitute"`` (MoE-Spec) or ``"truncate"``.
       norm_topk_prob: renormalise combine weights over the chosen experts.
       token_valid_T: optional bool [T]; False = padding/masked draft token.
       root_T: optional bool [T]; roots always keep their natural experts.
@@ -421,6 +457,8 @@ def budgeted_dispatch(
       backend: ``"tpu"``/``"gpu"`` (Pallas kernel), ``"cpu"`` (TPU kernel interpreted),
         ``"xla"`` (the jnp reference); default from ``jax.default_backend()``.
       interpret: force interpret mode for the kernel (default: only on CPU).
+      mass_fraction: None = keep the top-B by mass; f in (0, 1] = keep experts in mass
+        order until f of the total mass is covered (at least K, at most B).
 
     Returns:
       BudgetPlan with A = min(E, B) (no roots) or min(E, B + K) (roots given).
@@ -431,12 +469,12 @@ def budgeted_dispatch(
         block_rows = tuning.GATHER_BLOCK_SIZES[table].block_rows
     _validate_inputs(probs_TE, top_k=top_k, budget=budget, policy=policy,
                      token_valid_T=token_valid_T, root_T=root_T, platform=platform,
-                     block_rows=block_rows)
+                     block_rows=block_rows, mass_fraction=mass_fraction)
     if platform == "xla":
         return budgeted_dispatch_ref(probs_TE, top_k=top_k, budget=budget, policy=policy,
                                      norm_topk_prob=norm_topk_prob,
                                      token_valid_T=token_valid_T, root_T=root_T,
-                                     block_rows=block_rows)
+                                     block_rows=block_rows, mass_fraction=mass_fraction)
     valid_T = jnp.ones((t,), bool) if token_valid_T is None else token_valid_T
     has_root = root_T is not None
     root_T = jnp.zeros((t,), bool) if root_T is None else root_T
@@ -444,4 +482,4 @@ def budgeted_dispatch(
         probs_TE.astype(jnp.float32), valid_T, root_T, platform=platform,
         interpret=interp, top_k=top_k, budget=budget,
         max_active=kept_capacity(e, top_k, budget, has_root), policy=policy,
-        norm_topk_prob=norm_topk_prob, block_rows=block_rows)
+        norm_topk_prob=norm_topk_prob, block_rows=block_rows, mass_fraction=mass_fraction)

@@ -94,7 +94,7 @@ class Engine:
       prefill_buckets: prompt lengths the prefill is compiled for (a prompt is padded to
         the smallest bucket that holds it); None = :func:`default_buckets`.
       eos_token_ids: default stop tokens; None = the target's ``eos_token_ids``.
-      policy: the per-step K / expert-budget policy (:class:`EnginePolicy`).
+      policy: the per-step K policy (:class:`EnginePolicy`).
       max_stop: stop-token slots per row.
       routing_trace_steps: > 0 records each request's routing (``[S, T, L, K]`` expert ids
         of its first S verify steps, ``analysis/routing.py``) and passes it to
@@ -108,6 +108,10 @@ class Engine:
         When the ``batch`` axis does not divide ``slots``, the compiled state has inert
         rows beyond them (never admitted: done, no expert dispatch, no statistics).
         None = one device.
+
+    Expert budget: ``spec.budget`` (``spec/budget.py``) budgets every verification step,
+    server-wide. It is not per request: the kept experts are chosen over all rows of the
+    batch's verification forward, and each B is a separately compiled step.
 
     Seeds: each request's row draws from ``PRNGKey(params.seed)`` (a one-row list seed in
     :meth:`SpecDecoder.prepare`'s terms), so a request with a seed samples the same
@@ -643,7 +647,9 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
                 spec: SpecConfig | None = None, *, slots: int = 4, max_len: int | None = None,
                 max_queue: int = 64, prefill_buckets: Sequence[int] | None = None,
                 mesh: str | Path | None = None, dispatch: str | None = None,
-                tokenizer: str | Path | None = None, **engine_kw):
+                tokenizer: str | Path | None = None,
+                calibration_prompts: Sequence[str | Sequence[int]] | None = None,
+                **engine_kw):
     """Loads target (+ draft) checkpoints into an (unstarted) Engine (``engine_kw``: more
     :class:`Engine` arguments, e.g. ``routing_trace_steps``).
 
@@ -651,6 +657,10 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
     with ``spec.method == "draft"`` is the bundled draft. The tokenizer is the target
     checkpoint's, else ``tokenizer`` (a directory), else the bundled one when its
     vocabulary fits the model.
+
+    ``spec.budget`` is the server-wide expert budget (see :class:`Engine`); with its
+    ``min_agreement`` set, ``calibration_prompts`` (texts or token-id lists) calibrate it
+    first (``spec.budget.calibrate``: greedy, 32 new tokens).
 
     Returns:
       (engine, tokenizer or None, default model name).
@@ -661,7 +671,8 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
     bundled = model is None
     lm = load_models(None if model is None else str(model),
                      None if draft is None else str(draft), spec.method, k=spec.k,
-                     tree=spec.tree, dispatch=dispatch, ngram_n=spec.ngram_n, mesh=mesh)
+                     tree=spec.tree, dispatch=dispatch, ngram_n=spec.ngram_n, mesh=mesh,
+                     spec_budget=spec.budget)
     target, draft_model, tok = lm.target, lm.draft, lm.tokenizer
     model_dir = Path(lm.target_path)
     if tokenizer is not None:
@@ -677,6 +688,23 @@ def load_engine(model: str | Path | None = None, draft: str | Path | None = None
                 tok = cand
         except (ImportError, OSError) as e:  # pragma: no cover
             log.warning("no tokenizer: %s", e)
+    if spec.budget.min_agreement is not None:
+        from moesd_jax.spec.budget import calibrate
+
+        if not calibration_prompts:
+            raise ValueError("spec.budget.min_agreement needs calibration prompts")
+        ids = []
+        for p in calibration_prompts:
+            if isinstance(p, str):
+                if tok is None:
+                    raise ValueError("text calibration prompts need a tokenizer")
+                p = tok.encode(p)
+            ids.append(list(p))
+        gate = calibrate(target, draft_model, spec, ids, 32,
+                         decoder_kwargs=dict(max_len=max_len, mesh=mesh))
+        log.warning("budget gate: %s B=%s agreement=%.3f (tried %s)", gate.budget.policy,
+                    gate.budget.b, gate.agreement, gate.tried)
+        spec = dataclasses.replace(spec, budget=gate.budget)
     eos = tuple(target.cfg.eos_token_ids)
     if not eos and tok is not None and tok.eos_token_id is not None:
         eos = (int(tok.eos_token_id),)

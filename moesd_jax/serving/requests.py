@@ -180,7 +180,8 @@ class EnginePolicy:
     the loop's utility controller (``spec/utility.py``: test/set phases, K = 0 where
     speculation loses, masked drafts dispatch to no expert) and the plan's K is ignored.
     Otherwise the engine accepts only the plan of this default policy (every active slot
-    at K_max, no budget) and raises for any other.
+    at K_max, no budget) and raises for any other. A server-wide expert budget is
+    ``SpecConfig.budget`` (``spec/budget.py``), not a plan field.
     """
 
     def plan(self, engine: Engine, requests: Sequence[RequestHandle | None]) -> StepPlan:

@@ -33,6 +33,7 @@ from moesd_jax.config import SpecConfig
 from moesd_jax.distributed import process_allgather
 from moesd_jax.kv_cache import KVCache
 from moesd_jax.models.transformer import Transformer
+from moesd_jax.spec import budget as spec_budget
 from moesd_jax.spec import utility as spec_utility
 from moesd_jax.spec.loop import DecodeState, LoopConfig, generate_loop
 from moesd_jax.spec.proposers import model_cfg as proposers_model_cfg
@@ -163,6 +164,13 @@ class SpecDecoder:
       mesh: a sharding strategy (``sharding.ShardingPlan``, a ``configs/mesh`` name or a
         ``MeshConfig``): the models are copied onto its mesh, rows split per its ``batch``
         rule and MoE layers run expert-parallel when it shards experts. None: one device.
+
+    Expert budget: ``spec.budget`` (a policy other than ``none``) budgets the target's
+    verification forwards (``spec/budget.py``). The decoder runs a view of ``target``
+    with the budget in its config (sharing the parameter arrays); the caller's model is
+    not changed. Results then carry ``stats["budget"]`` (:func:`spec_budget.loop_stats`).
+    ``spec.budget.min_agreement`` is not applied here: run :func:`spec_budget.calibrate`
+    first (the CLIs do).
     """
 
     def __init__(self, target: Transformer, draft: Transformer | None = None,
@@ -177,6 +185,8 @@ class SpecDecoder:
         if draft is not None and draft.cfg.vocab_size != target.cfg.vocab_size:
             raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} != target vocab_size="
                              f"{target.cfg.vocab_size}: they must share a tokenizer")
+        if spec.budget.enabled:
+            target = spec_budget.budgeted_target(target, spec.budget)
         tree, k = None, spec.k
         if spec.tree is not None and spec.method != "none":
             t = load_tree(spec.tree)
@@ -479,5 +489,9 @@ class SpecDecoder:
             st = row_stats(state, i, self.cfg.accept_positions)
             if state.controller is not None:  # --k auto: the row's decisions
                 st["utility"] = spec_utility.decisions(state.controller, i)
+            if cfg.budgeted:
+                bst = spec_budget.loop_stats(state.stats, i)
+                if bst is not None:
+                    st["budget"] = bst
             out.append(GenerationResult(tokens[i, len(p): seq_len[i]].tolist(), st))
         return out

@@ -63,8 +63,9 @@ class LoopConfig:
       max_stop: static number of stop-token slots per row.
       vocab: V of the target (and draft).
       num_experts: E of the target's MoE layers (0 for dense), for routing stats.
-      prefill_dispatch: MoE dispatch override for prefill (the unbudgeted backend when the
-        target's dispatch is ``*_budgeted``: budgets apply to verification only).
+      prefill_dispatch: MoE dispatch override for prefill and plain (K = 0) decoding steps:
+        the unbudgeted backend when the target's dispatch is ``*_budgeted`` (budgets apply
+        to verification forwards only). Set = the target is budgeted (``budgeted``).
       budget_prune: the target verifies under a ``prune`` expert budget: acceptance is
         cut at the first accepted node that lost an expert (lossless), chains and trees.
       tree: static draft tree as a tuple of paths (``spec.tree``, see ``spec/tree.py``);
@@ -93,6 +94,11 @@ class LoopConfig:
     plan: object = None  # sharding.ShardingPlan (compared by identity) or None
     trace_steps: int = 0
     utility: spec_utility.UtilityConfig | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        """The target's verification forwards run under an expert budget."""
+        return self.prefill_dispatch is not None
 
     @property
     def token_tree(self) -> spec_tree.TokenTree | None:
@@ -129,6 +135,13 @@ class Stats:
     unique_experts_L: jax.Array  # int32 [L_moe] sum over verify steps of distinct experts
     verify_steps: jax.Array  # int32 [] verify forwards with at least one active row
     draft_fed_B: jax.Array  # int32 [B] tokens run through a draft model
+    # expert budget (LoopConfig.budgeted; zeros otherwise): batch-wide sums over the
+    # budgeted verify steps, per MoE layer, of (distinct experts loaded, distinct experts
+    # of the same tokens' natural routing = what an unbudgeted forward loads, routing
+    # mass on the loaded experts, total routing mass of the verified tokens)
+    budget_L4: jax.Array  # float32 [L_moe, 4]
+    budget_steps: jax.Array  # int32 [] budgeted verify steps
+    nodes_pruned_B: jax.Array  # int32 [B] draft nodes pruned by a lossless budget
 
 
 @struct.dataclass
@@ -215,6 +228,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
     kk = max(cfg.accept_positions, 1)
     z = jnp.zeros((b,), jnp.int32)
     stats = Stats(z, z, z, jnp.zeros((b, kk), jnp.int32), jnp.zeros((n_moe,), jnp.int32),
+                  jnp.zeros((), jnp.int32), z, jnp.zeros((n_moe, 4), jnp.float32),
                   jnp.zeros((), jnp.int32), z)
     trace = None
     if cfg.trace_steps and n_moe:
@@ -361,8 +375,12 @@ def _step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         tcache = s.target_cache.replace(lengths=pos0)
         root_BT = jnp.broadcast_to(jnp.arange(t)[None, :] == 0, (b, t))
         hl = None if tree is None else proposer.hidden_layers(draft)
+        # budgets apply to verification only: a plain decoding step runs unbudgeted
+        budgeted = cfg.budgeted and tree is not None
         out = apply(tg, ts, node_tok, pos_BT, tcache, tree_mask=anc, token_valid_BT=valid_BT,
-                    return_routing=True, root_BT=root_BT, hidden_layers=hl, plan=cfg.plan)
+                    return_routing=True, root_BT=root_BT, hidden_layers=hl, plan=cfg.plan,
+                    dispatch=None if budgeted else cfg.prefill_dispatch,
+                    return_budget_stats=budgeted)
         logits, tcache, routing = out[:3]
         hidden = out[3] if hl is not None else None
 
@@ -376,8 +394,11 @@ def _step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
             path_BJ, n_acc, nxt = rejection_sample_tree(tree, use, node_tok, prop.q_BTV, p,
                                                         s.temperature_B <= 0.0, node_ok)
         n_new = n_acc + 1
+        pruned = jnp.zeros((b,), jnp.int32)
         if cfg.budget_prune and routing is not None and tree is not None:
             n_acc, n_new = _budget_cut(cfg, routing, path_BJ, n_acc)
+            lost_BT = valid_BT & jnp.any(routing >= cfg.num_experts, axis=(2, 3))
+            pruned = jnp.sum(lost_BT[:, 1:], axis=1).astype(jnp.int32)
 
     with jax.named_scope("commit"):
         w = depth + 1
@@ -399,16 +420,25 @@ def _step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
     kk = st.accepted_pos_BK.shape[1]
     acc_pos = (jnp.arange(kk)[None, :] < n_acc[:, None]).astype(jnp.int32) * act[:, None]
     uniq = st.unique_experts_L
+    uniq_L = None
     if routing is not None and cfg.num_experts:
         onehot = jax.nn.one_hot(routing.astype(jnp.int32), cfg.num_experts, dtype=jnp.int32)
         present_LE = jnp.einsum("BTLKE->LE", onehot) > 0  # dropped ids (== E) are all-zero
-        uniq = uniq + jnp.sum(present_LE, axis=1).astype(jnp.int32)
+        uniq_L = jnp.sum(present_LE, axis=1).astype(jnp.int32)
+        uniq = uniq + uniq_L
     drafted = n if node_ok is None else jnp.sum(node_ok[:, 1:], axis=1).astype(jnp.int32)
+    b_sum, b_steps = st.budget_L4, st.budget_steps
+    if budgeted and uniq_L is not None:
+        step_L4 = jnp.concatenate([uniq_L[:, None].astype(jnp.float32), out[-1]], axis=1)
+        any_act = jnp.any(active)
+        b_sum = b_sum + jnp.where(any_act, step_L4, 0.0)
+        b_steps = b_steps + any_act.astype(jnp.int32)
     stats = Stats(st.iterations_B + act, st.drafted_B + drafted * act,
                   st.accepted_B + n_acc * act,
                   st.accepted_pos_BK + acc_pos, uniq,
                   st.verify_steps + jnp.any(active).astype(jnp.int32),
-                  st.draft_fed_B + fed * act)
+                  st.draft_fed_B + fed * act, b_sum, b_steps,
+                  st.nodes_pruned_B + pruned * act)
     trace = s.routing_trace
     if trace is not None and routing is not None:  # row b writes slot iterations_B[b]
         slot = jnp.where(active, st.iterations_B, trace.shape[0])

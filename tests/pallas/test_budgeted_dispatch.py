@@ -40,11 +40,12 @@ def router_inputs(draw, has_root):
     return softmax_probs(logits), jnp.asarray(valid), None if root is None else jnp.asarray(root)
 
 
-def dispatch(probs, valid, root, *, backend, policy, budget, norm, block_rows=8):
+def dispatch(probs, valid, root, *, backend, policy, budget, norm, block_rows=8, mass=None):
     return bd.budgeted_dispatch(probs, top_k=K, budget=budget, policy=policy,
                                 norm_topk_prob=norm, token_valid_T=valid, root_T=root,
                                 block_rows=block_rows, backend=backend,
-                                interpret=None if backend in ("cpu", "xla") else True)
+                                interpret=None if backend in ("cpu", "xla") else True,
+                                mass_fraction=mass)
 
 
 def assert_plans_equal(got, ref):
@@ -58,32 +59,39 @@ def assert_plans_equal(got, ref):
 
 
 # Static configurations (each one compiles once; hypothesis then draws only data):
-# every backend x policy, budgets 3 and 7, norm on/off and root on/off all covered.
+# every backend x policy, budgets 3 and 7, norm on/off, root on/off and the mass-fraction
+# selection (last field; None = top-B) all covered.
 CONFIGS = [
-    ("cpu", "prune", 3, False, True),
-    ("cpu", "prune", 7, True, False),
-    ("cpu", "substitute", 3, True, True),
-    ("cpu", "substitute", 7, False, False),
-    ("gpu", "prune", 3, True, False),
-    ("gpu", "prune", 7, False, True),
-    ("gpu", "substitute", 3, False, False),
-    ("gpu", "substitute", 7, True, True),
+    ("cpu", "prune", 3, False, True, None),
+    ("cpu", "prune", 7, True, False, None),
+    ("cpu", "substitute", 3, True, True, None),
+    ("cpu", "substitute", 7, False, False, None),
+    ("cpu", "truncate", 3, True, True, None),
+    ("cpu", "substitute", 7, True, False, 0.6),
+    ("gpu", "prune", 3, True, False, None),
+    ("gpu", "prune", 7, False, True, None),
+    ("gpu", "substitute", 3, False, False, None),
+    ("gpu", "substitute", 7, True, True, None),
+    ("gpu", "truncate", 7, False, False, None),
+    ("gpu", "truncate", 7, True, True, 0.9),
 ]
 
 
-@pytest.mark.parametrize("backend, policy, budget, norm, has_root", CONFIGS)
+@pytest.mark.parametrize("backend, policy, budget, norm, has_root, mass", CONFIGS)
 @HYP
 @given(data=st.data())
-def test_kernel_matches_reference(backend, policy, budget, norm, has_root, data):
+def test_kernel_matches_reference(backend, policy, budget, norm, has_root, mass, data):
     probs, valid, root = data.draw(router_inputs(has_root))
-    kw = dict(policy=policy, budget=budget, norm=norm, block_rows=BLOCK_ROWS[backend])
+    kw = dict(policy=policy, budget=budget, norm=norm, block_rows=BLOCK_ROWS[backend],
+              mass=mass)
     got = dispatch(probs, valid, root, backend=backend, **kw)
     ref = dispatch(probs, valid, root, backend="xla", **kw)
     assert_plans_equal(got, ref)
-    check_policy_semantics(got, probs, valid, root, policy=policy, budget=budget, norm=norm)
+    check_policy_semantics(got, probs, valid, root, policy=policy, budget=budget, norm=norm,
+                           mass=mass)
 
 
-def check_policy_semantics(plan, probs, valid, root, *, policy, budget, norm):
+def check_policy_semantics(plan, probs, valid, root, *, policy, budget, norm, mass=None):
     """The documented contract, checked from first principles."""
     probs, valid = np.asarray(probs), np.asarray(valid)
     ids, combine = np.asarray(plan.ids_TK), np.asarray(plan.combine_TK)
@@ -95,10 +103,18 @@ def check_policy_semantics(plan, probs, valid, root, *, policy, budget, norm):
     assert set(kept_A[kept_A < E].tolist()) == set(np.flatnonzero(kept_E).tolist())
     assert np.all(kept_A[int(plan.num_kept):] == E)
     # Top-B by mass over valid tokens are kept (unless the cap pushed them out).
-    mass = np.where(valid[:, None], probs, 0.0).sum(0)
+    mass_E = np.where(valid[:, None], probs, 0.0).sum(0)
     if root is None:
-        assert int(plan.num_kept) == min(budget, E)
-        assert np.all(mass[kept_E] >= mass[~kept_E].max(initial=-1.0) - 1e-6)
+        n = int(plan.num_kept)
+        assert np.all(mass_E[kept_E] >= mass_E[~kept_E].max(initial=-1.0) - 1e-6)
+        if mass is None:
+            assert n == min(budget, E)
+        else:  # the shortest mass-ordered prefix covering the fraction, in [K, B]
+            cum = np.cumsum(np.sort(mass_E)[::-1])
+            goal = mass * mass_E.sum()
+            assert K <= n <= budget
+            assert n == K or cum[n - 2] < goal * (1 + 1e-5)
+            assert n == budget or cum[n - 1] >= goal * (1 - 1e-5)
     else:
         r = int(np.flatnonzero(np.asarray(root))[0])
         root_experts = np.argsort(-probs[r], kind="stable")[:K]
@@ -114,6 +130,15 @@ def check_policy_semantics(plan, probs, valid, root, *, policy, budget, norm):
         np.testing.assert_array_equal(ids[alive], nat_ids[alive])
         np.testing.assert_allclose(combine[alive], nat_w[alive], rtol=1e-6)
         assert np.all(ids[~alive] == E)
+    elif policy == "truncate":  # natural experts that are kept, natural weights
+        np.testing.assert_array_equal(alive, valid)
+        keep = valid[:, None] & kept_E[nat_ids]
+        np.testing.assert_array_equal(ids, np.where(keep, nat_ids, E))
+        raw = np.take_along_axis(probs, nat_ids, axis=1) * keep
+        if norm:
+            s = raw.sum(1, keepdims=True)
+            raw = np.where(s > 0, raw / np.where(s > 0, s, 1.0), 0.0)
+        np.testing.assert_allclose(combine, raw, rtol=1e-5, atol=1e-7)
     else:
         np.testing.assert_array_equal(alive, valid)
         n_routed = (ids[valid] < E).sum(axis=1)
@@ -222,6 +247,7 @@ def test_prune_plan_through_expert_ffn_is_lossless():
     (dict(token_valid_T=jnp.ones((T + 1,), bool)), r"token_valid_T must have shape \[T\]"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(block_rows=0), "block_rows must be >= 1"),
+    (dict(mass_fraction=0.0), r"mass_fraction must be in \(0, 1\]"),
 ])
 def test_validation_errors(kwargs, match):
     base = dict(top_k=K, budget=3, policy="prune", norm_topk_prob=False, backend="cpu")
