@@ -377,12 +377,13 @@ class SpecDecoder:
         ref = ((jnp.asarray(np.concatenate([np.asarray(prompts)] * 8, axis=1)),)
                if self.cfg.method == "oracle" else ())
         times = {}
-        for k in u.branch_ks:
-            cfg = dataclasses.replace(base, utility=None, k=k, tree=None,
-                                      method="none" if k == 0 else base.method)
-            if not per_call:
-                times[k] = self._loop_iteration_time(cfg, prepared, ref)
-                continue
+        cfgs = {k: dataclasses.replace(base, utility=None, k=k, tree=None,
+                                       method="none" if k == 0 else base.method)
+                for k in u.branch_ks}
+        if not per_call:
+            times = self._loop_iteration_times(cfgs, prepared, ref)
+        for k in u.branch_ks if per_call else ():
+            cfg = cfgs[k]
             s = jax.jit(prefill, static_argnums=0)(cfg, self.target, self.draft, *prepared,
                                                    *ref)
             fn = jax.jit(step, static_argnums=0, donate_argnums=3)
@@ -397,29 +398,35 @@ class SpecDecoder:
         t = np.interp(np.arange(u.k_max + 1), ks, [times[k] for k in ks])
         return (t / t[0]).astype(np.float32)
 
-    def _loop_iteration_time(self, cfg: LoopConfig, prepared: tuple, ref: tuple,
-                             repeats: int = 3) -> float:
-        """Seconds per iteration of ``cfg``'s generate loop: (t(all new tokens) -
-        t(prefill only)) / iterations, medians, one compiled program."""
+    def _loop_iteration_times(self, cfgs: dict, prepared: tuple, ref: tuple,
+                              repeats: int = 5) -> dict:
+        """Seconds per iteration of each config's generate loop: (t(all new tokens) -
+        t(prefill only)) / iterations, one compiled program per config; the configs are
+        timed in turn, ``repeats`` rounds, medians (a slow spell of the machine lands on
+        one round of every config, not on one config)."""
         import time
 
         short = list(prepared)
         short[2] = jnp.ones_like(prepared[2])  # max_new 1: prefill, no iteration
 
-        def run(args):
+        def run(cfg, args):
             return jax.block_until_ready(self._fn(cfg, self.target, self.draft, *args, *ref))
 
-        run(prepared)  # compile
-        t_full, t_pre, iters = [], [], 1
+        iters = {}
+        for k, cfg in cfgs.items():  # compile
+            iters[k] = max(int(run(cfg, prepared).stats.verify_steps), 1)
+        t_full = {k: [] for k in cfgs}
+        t_pre = {k: [] for k in cfgs}
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            st = run(prepared)
-            t_full.append(time.perf_counter() - t0)
-            iters = max(int(st.stats.verify_steps), 1)
-            t0 = time.perf_counter()
-            run(tuple(short))
-            t_pre.append(time.perf_counter() - t0)
-        return max(float(np.median(t_full) - np.median(t_pre)), 1e-9) / iters
+            for k, cfg in cfgs.items():
+                t0 = time.perf_counter()
+                run(cfg, prepared)
+                t_full[k].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                run(cfg, tuple(short))
+                t_pre[k].append(time.perf_counter() - t0)
+        return {k: max(float(np.median(t_full[k]) - np.median(t_pre[k])), 1e-9) / iters[k]
+                for k in cfgs}
 
     def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
         """Trailing ``prefill`` arguments past the per-row arrays: with ``cfg.utility``,
