@@ -53,7 +53,9 @@ def _wait(procs, timeout: float = 420):
 
 
 @pytest.mark.parametrize("strategy,mesh", [
-    ("ep", {"expert": 8}),
+    # slow: the default run keeps a two-process decode in
+    # tests/batch/test_job.py::test_two_process_job_equals_one_process[dp]
+    pytest.param("ep", {"expert": 8}, marks=pytest.mark.slow),
     # rows split over the two processes (data=2), gathered back to both
     pytest.param("fsdp_ep", {"data": 2, "expert": 4}, marks=pytest.mark.slow),
 ])

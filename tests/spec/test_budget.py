@@ -41,19 +41,14 @@ def models():
 
 
 def test_prune_budget_is_lossless(models):
+    """The lossless rule on a tree through the one step: a node that lost an expert cuts
+    the accepted path there, greedy output is still the unbudgeted target's, and the tight
+    budget really bit (cut iterations commit no bonus token, so the same tokens took more
+    iterations). Chains: test_lossless_greedy_equals_ar_and_caps_experts."""
     target, draft = models
     ar = [r.token_ids for r in SpecDecoder(target).generate(PROMPTS, 20)]
     budgeted = _with_dispatch(target, dispatch="gather_budgeted", budget=2,
                               budget_policy="prune")
-    dec = SpecDecoder(budgeted, draft, SpecConfig(method="draft", k=4))
-    res = dec.generate(PROMPTS, 20)
-    assert [r.token_ids for r in res] == ar
-    # the tight budget really bit: cut iterations commit no bonus token, so the same
-    # tokens took more iterations than without a budget (and every row still advanced)
-    full = SpecDecoder(target, draft, SpecConfig(method="draft", k=4)).generate(PROMPTS, 20)
-    assert sum(r.stats["iterations"] for r in res) > sum(r.stats["iterations"] for r in full)
-    # the same rule on a tree, through the same step: a node that lost an expert cuts
-    # the accepted path there, and greedy output is still the unbudgeted target's
     tree = SpecDecoder(budgeted, draft, SpecConfig(method="draft", tree="tree-7"))
     res = tree.generate(PROMPTS, 20)
     assert [r.token_ids for r in res] == ar
@@ -199,7 +194,7 @@ def test_moe_spec_unique_experts_fall_to_b(models, ar16, shape):
     """As B falls, experts loaded per layer fall to B (+ roots); the result reports
     acceptance and agreement with unbudgeted greedy output."""
     seen = []
-    for b in (E, 6, TOPK):
+    for b in (E, TOPK):
         res, traces, _ = _traced(models, _spec(shape, policy="moe_spec", b=b))
         per_row = _max_unique_per_row(traces)
         assert per_row <= b + TOPK

@@ -118,7 +118,7 @@ def setup():
 
 @pytest.mark.parametrize("regime,cost", [
     ("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0]),  # -> K = 0, plain decoding, re-tests
-    ("speculation free", [1.0] * 5),  # -> K = 4
+    pytest.param("speculation free", [1.0] * 5, marks=pytest.mark.slow),  # -> K = 4
     ("mixed", [1.0, 1.3, 1.6, 1.9, 2.2]),  # -> per-row choices from acceptance
 ])
 def test_auto_k_greedy_equals_ar(setup, regime, cost):
