@@ -133,8 +133,9 @@ def main(argv=None) -> int:
             **trace_kw)
         if args.routing_trace:
             from moesd_jax.analysis.routing import TraceFile
+            from moesd_jax.spec.proposers import model_cfg
 
-            m = eng.decoder.target.cfg.moe
+            m = model_cfg(*eng.decoder.target).moe
             eng.trace_sink = TraceFile(args.routing_trace, m.num_experts, m.top_k)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         from moesd_jax.cli.budget_args import option_names
