@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Per-step cost breakdown of the bundled pair: one AR step, one chain-4 iteration (draft
-model) and one ngram-4 iteration (prompt lookup) at batch 1 and 10, plus the sampling
+model), one ngram-4 iteration (prompt lookup) and one eagle-4 iteration (an EAGLE-3 head,
+random weights: its cost does not depend on them) at batch 1 and 10, plus the sampling
 filter over the verified rows, each a jitted function timed from the same decode state
 (median of 20 after warm-up) on held-out prompts of 64 tokens.
 
@@ -47,13 +48,26 @@ def main(argv=None) -> int:
     lm = load_models(None, None, "draft")
     texts = heldout_prompts(lm.tokenizer, n=max(args.batch), prompt_tokens=64)
     prompts = [lm.tokenizer.encode(t) for t in texts]
+    try:  # the cost of a head does not depend on its weights: a random one
+        from flax import nnx
+
+        from moesd_jax.spec.eagle import EagleConfig, EagleHead
+
+        head = EagleHead(EagleConfig.for_target(lm.target.cfg, param_dtype="float32"),
+                         nnx.Rngs(0))
+    except ImportError:
+        head = None
     rows = []
     for b in args.batch:
         ps = prompts[:b]
         for name, spec in (("AR step", SpecConfig(method="none")),
                            ("chain-4 iteration", SpecConfig(method="draft", k=4)),
-                           ("ngram-4 iteration", SpecConfig(method="ngram", k=4))):
-            dec = SpecDecoder(lm.target, lm.draft if spec.method == "draft" else None, spec)
+                           ("ngram-4 iteration", SpecConfig(method="ngram", k=4)),
+                           ("eagle-4 iteration", SpecConfig(method="eagle", k=4))):
+            if spec.method == "eagle" and head is None:
+                continue  # an older commit without the EAGLE head
+            draft = {"draft": lm.draft, "eagle": head}.get(spec.method)
+            dec = SpecDecoder(lm.target, draft, spec)
             prep = dec.prepare(ps, 64)
             cfg = (dec.loop_config([len(p) for p in ps], [64]) if hasattr(dec, "loop_config")
                    else dec.cfg)

@@ -270,7 +270,7 @@ class EagleHead(nnx.Module):
         return full.at[..., self.draft_ids()].set(logits_BTV)
 
     def __call__(self, tokens_BT, feat_BTD, positions_BT, k_BSGC, v_BSGC, start_B, embed_VD,
-                 tree_mask=None, write_offsets_T=None):
+                 tree_mask=None, write_offsets_T=None, outputs_BR=None):
         """One head forward over T entries (token, feature) with the cache.
 
         Args:
@@ -279,13 +279,20 @@ class EagleHead(nnx.Module):
           k_BSGC, v_BSGC: the head's cache; new K/V go to ``start_B + write_offsets_T``.
           start_B: committed length per row; tree_mask: as ``models/attention.py``.
           embed_VD: the target's embedding table.
+          outputs_BR: int32 entry indices whose outputs are wanted (None = all T): every
+            entry writes its K/V, but only these R run the MLP and the vocabulary
+            projection (the resync reads one entry of D + 1).
 
         Returns:
-          (draft logits [B, T, Vd] float32, pre-norm h [B, T, D], k_BSGC, v_BSGC).
+          (draft logits [B, R, Vd] float32, pre-norm h [B, R, D], k_BSGC, v_BSGC), R = T
+          without ``outputs_BR``.
         """
         x, resid = self.layer_inputs(tokens_BT, feat_BTD, embed_VD)
         a, k_BSGC, v_BSGC = self.attn(x, positions_BT, k_BSGC, v_BSGC, start_B, tree_mask,
                                       write_offsets_T)
+        if outputs_BR is not None:
+            take = lambda z: jnp.take_along_axis(z, outputs_BR[:, :, None], axis=1)  # noqa: E731
+            a, resid = take(a), take(resid)
         logits, pre = self.finish(a, resid)
         return logits, pre, k_BSGC, v_BSGC
 
@@ -375,11 +382,10 @@ class Eagle(proposers.Proposer):
         base = st.base_B
         toks = jnp.take_along_axis(s.tokens_BM, jnp.clip(base[:, None] + 1 + jj, 0, nbuf - 1),
                                    axis=1)
-        logits, pre, k, v = head(toks, st.feat_BJD, base[:, None] + jj, st.k_BSGC, st.v_BSGC,
-                                 base, embed)
-        last = jnp.clip(pos0 - base - 1, 0, j - 1)[:, None, None]
-        root_logits = jnp.take_along_axis(logits, last, axis=1)  # [B, 1, Vd]
-        root_h = jnp.take_along_axis(pre, last, axis=1)  # [B, 1, D]
+        last = jnp.clip(pos0 - base - 1, 0, j - 1)[:, None]  # the new root's entry
+        # root_logits [B, 1, Vd], root_h [B, 1, D]: only that entry runs MLP + lm_head
+        root_logits, root_h, k, v = head(toks, st.feat_BJD, base[:, None] + jj, st.k_BSGC,
+                                         st.v_BSGC, base, embed, outputs_BR=last)
 
         parents, kids, kid_parent, kid_rank = _level_tables(tree)
         w = int(tree.num_children.max())
@@ -388,7 +394,7 @@ class Eagle(proposers.Proposer):
         root_tok = jnp.take_along_axis(s.tokens_BM, pos0[:, None], axis=1)
         node_tok = jnp.zeros((b, n + 1), jnp.int32).at[:, :1].set(root_tok)
         q_all = jnp.zeros((b, n + 1, v_full), jnp.float32)
-        h_all = jnp.zeros((b, n + 1, pre.shape[-1]), pre.dtype).at[:, :1].set(root_h)
+        h_all = jnp.zeros((b, n + 1, root_h.shape[-1]), root_h.dtype).at[:, :1].set(root_h)
         key_B, use = split_rows(s.key_B)
         root_full = head.target_logits(root_logits)
         node_tok, q_all = _expand(jnp.broadcast_to(root_full, (b, parents.shape[1], v_full)),
