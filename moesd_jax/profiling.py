@@ -14,7 +14,10 @@ dots appear. This is the table the performance work is steered by (BENCHMARKS.md
     print(report.table())
 
 It measures one run on whatever else the host is doing: profile on a quiet machine, and
-read it for shares, not as a benchmark (``scripts/bench.py`` is for speed claims).
+read it for shares, not as a benchmark (``scripts/bench.py`` is for speed claims). Tracing
+adds a few microseconds to every thunk, so regions of many tiny thunks (loop control,
+scalar bookkeeping) look larger than they are: confirm a fix with an interleaved A/B
+(``benchmarks.time_interleaved``) before believing the profile's size of the gain.
 """
 
 from __future__ import annotations
