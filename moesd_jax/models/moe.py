@@ -107,9 +107,6 @@ def dispatch_gather(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, ids_TK, combine_TK,
     dt = x_TD.dtype
     e = len(w_gate_EDF) if isinstance(w_gate_EDF, (tuple, list)) else w_gate_EDF.shape[0]
     n = t * k
-    if isinstance(w_gate_EDF, (tuple, list)) and n <= ASSIGN_MAX and max_active is None:
-        return _dispatch_assignments(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, ids_TK,
-                                     combine_TK)
     c = row_chunk(t, k, e)
     ffn = _expert_ffn(w_gate_EDF, w_up_EDF, w_down_EFD, dt)
     flat_N = jnp.where(ids_TK < e, ids_TK, e).reshape(n)
@@ -144,35 +141,6 @@ def dispatch_gather(x_TD, w_gate_EDF, w_up_EDF, w_down_EFD, ids_TK, combine_TK,
                               jnp.zeros((n + c, x_TD.shape[1]), jnp.float32))
     y_TD = jnp.zeros((t, x_TD.shape[1]), jnp.float32).at[rows_N].add(ys_ND[:n])
     return y_TD.astype(dt)
-
-
-# At most this many (token, expert) assignments, per-expert weights run one assignment at
-# a time (below): the sort / unique / loop machinery costs more thunks than it saves.
-ASSIGN_MAX = 10
-
-
-def _dispatch_assignments(x_TD, w_gate, w_up, w_down, ids_TK, combine_TK):
-    """``gather`` for few assignments and per-expert weights: unrolled over the T*K
-    assignments, each one ``lax.switch`` on its expert id (one more branch, zeros, for a
-    dropped id E) on its token's row. An expert two tokens share is read twice; for a few
-    rows on XLA:CPU that costs less than the per-thunk overhead of sorting, finding the
-    distinct experts and looping over them (about half the thunks of a decode step's MoE
-    layer: BENCHMARKS.md, "profile of a decode loop")."""
-    t, k = ids_TK.shape
-    e = len(w_gate)
-    dt = x_TD.dtype
-    branches = [lambda x, i=i: _swiglu(x, w_gate[i].astype(dt), w_up[i].astype(dt),
-                                       w_down[i].astype(dt)).astype(jnp.float32)
-                for i in range(e)]
-    branches.append(lambda x: jnp.zeros(x.shape, jnp.float32))
-    ids = jnp.minimum(ids_TK, e)
-    w = combine_TK.astype(jnp.float32)
-    rows = []
-    for i in range(t):
-        x = x_TD[i:i + 1]
-        y = sum(w[i, j] * jax.lax.switch(ids[i, j], branches, x) for j in range(k))
-        rows.append(y)
-    return jnp.concatenate(rows, axis=0).astype(dt)
 
 
 def unstack_experts(model) -> int:

@@ -64,12 +64,10 @@ def _unstacked(weights):
     return tuple(tuple(w[i] for i in range(E)) for w in weights)
 
 
-@pytest.mark.parametrize("t,k,n_active,drop", [(1, 4, 4, 0.0), (3, 3, 4, 0.3), (5, 4, 9, 0.2),
-                                                (40, 2, 30, 0.1)])
+@pytest.mark.parametrize("t,k,n_active,drop", [(1, 4, 4, 0.0), (5, 4, 9, 0.2), (40, 2, 30, 0.1)])
 def test_gather_unstacked_matches_dense(weights, t, k, n_active, drop):
-    """The CPU layout (a tuple of per-expert arrays, read through lax.switch) is exact:
-    assignment by assignment (t * k <= ASSIGN_MAX, with dropped ids), with small chunks
-    and with 8-row chunks (t=40)."""
+    """The CPU layout (a tuple of per-expert arrays, read through lax.switch) is exact,
+    with one row per chunk (t=1), small chunks and 8-row chunks (t=40)."""
     x = jax.random.normal(jax.random.PRNGKey(t + 7), (t, D))
     ids, w = _routing(t * 5 + k, t, k, n_active, drop)
     ref = moe.dispatch_dense(x, *weights, ids, w)
@@ -122,20 +120,12 @@ def test_gather_reads_only_active_experts(weights):
         if e.primitive.name == "dot_general":
             for v in e.invars:
                 assert E not in v.aval.shape, f"dot over all experts: {v.aval.shape}"
-    t6 = moe.ASSIGN_MAX // k + 1  # past the assignment path: the loop over active experts
-    ids6, w6 = _routing(1, t6, k, 8)
-    un = list(_walk(jax.make_jaxpr(moe.dispatch_gather)(jnp.ones((t6, D)), *_unstacked(weights),
-                                                        ids6, w6).jaxpr))
+    un = list(_walk(jax.make_jaxpr(moe.dispatch_gather)(x, *_unstacked(weights), ids,
+                                                        w).jaxpr))
     switches = [e for e in un if e.primitive.name == "cond"]
     assert len(switches) == 1 and len(switches[0].params["branches"]) == E
     assert not [e for e in un if e.primitive.name == "dynamic_slice"
                 and len(e.outvars[0].aval.shape) == 3]
-    # few assignments: one switch each (E experts + a zero branch for dropped ids), no loop
-    few = list(_walk(jax.make_jaxpr(moe.dispatch_gather)(x, *_unstacked(weights), ids,
-                                                         w).jaxpr))
-    assert not any(e.primitive.name == "while" for e in few)
-    sw = [e for e in few if e.primitive.name == "cond"]
-    assert len(sw) == t * k and all(len(e.params["branches"]) == E + 1 for e in sw)
     # the dense reference, by contrast, multiplies all 64 experts
     dense = list(_walk(jax.make_jaxpr(moe.dispatch_dense)(x, *weights, ids, w).jaxpr))
     assert any(E in v.aval.shape for e in dense if e.primitive.name == "dot_general"
