@@ -252,7 +252,8 @@ class MoEBlock(nnx.Module):
             ws = tuple(jnp.stack(w) for w in ws)
         return ws
 
-    def apply_budget(self, probs_TE, ids_TK, w_TK, token_valid_T, root_T, kernel: bool):
+    def apply_budget(self, probs_TE, ids_TK, w_TK, token_valid_T, root_T, kernel: bool,
+                     priority_T=None):
         """Verification-time expert budget (DESIGN.md "Expert budgeting").
 
         Draft tokens (valid, non-root) are routed by ``budgeted_dispatch`` under budget B
@@ -260,6 +261,8 @@ class MoEBlock(nnx.Module):
         routing. Under ``prune`` a draft token that loses an expert gets all its
         assignments dropped (id E): the routing trace shows it, the transformer drops it
         and its descendants from later layers, and the spec loop cuts acceptance there.
+        ``priority_T`` (the draft nodes' path log-probabilities) switches the selection
+        from top-B by mass to path selection (the likeliest nodes' experts first).
         """
         from moesd_jax.pallas.budgeted_dispatch import budgeted_dispatch
 
@@ -271,7 +274,7 @@ class MoEBlock(nnx.Module):
                                  policy=m.budget_policy, norm_topk_prob=m.norm_topk_prob,
                                  token_valid_T=valid & ~root,
                                  backend=None if kernel else "xla",
-                                 mass_fraction=m.budget_mass)
+                                 mass_fraction=m.budget_mass, priority_T=priority_T)
         keep_nat = (root & valid)[:, None]
         return (jnp.where(keep_nat, ids_TK, plan.ids_TK),
                 jnp.where(keep_nat, w_TK, plan.combine_TK))
@@ -288,7 +291,8 @@ class MoEBlock(nnx.Module):
         return probs_TE, ids, w
 
     def __call__(self, x_TD: jax.Array, token_valid_T=None, dispatch: str | None = None,
-                 root_T=None, plan=None, stats_valid_T=None, return_stats: bool = False):
+                 root_T=None, plan=None, stats_valid_T=None, return_stats: bool = False,
+                 priority_T=None):
         """Returns (y_TD, ids_TK) for T tokens (batch rows flattened into T).
 
         ``plan``: a ``sharding.ShardingPlan`` that shards experts runs the dispatch
@@ -313,7 +317,7 @@ class MoEBlock(nnx.Module):
             name = name.removesuffix("_budgeted")
             with jax.named_scope("moe_budget"):
                 ids, w = self.apply_budget(probs, ids, w, token_valid_T, root_T,
-                                           kernel=name == "pallas")
+                                           kernel=name == "pallas", priority_T=priority_T)
                 if return_stats:
                     stats = self._budget_stats(probs, ids, stats_valid_T
                                                if stats_valid_T is not None else token_valid_T)

@@ -34,7 +34,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BTD, positions_BT, k_cache, v_cache, start_B, tree_mask,
                  token_valid_BT, dispatch, root_BT=None, write_offsets_T=None, plan=None,
-                 stats_valid_BT=None):
+                 stats_valid_BT=None, priority_BT=None):
         b, t, d = x_BTD.shape
         with jax.named_scope("attention"):
             a, k_cache, v_cache = self.attn(self.attn_norm(x_BTD), positions_BT, k_cache,
@@ -47,8 +47,9 @@ class DecoderLayer(nnx.Module):
             valid = None if token_valid_BT is None else token_valid_BT.reshape(b * t)
             root = None if root_BT is None else root_BT.reshape(b * t)
             sv = None if stats_valid_BT is None else stats_valid_BT.reshape(b * t)
+            pr = None if priority_BT is None else priority_BT.reshape(b * t)
             y, ids, stats = self.moe(h.reshape(b * t, d), valid, dispatch, root, plan,
-                                     stats_valid_T=sv, return_stats=True)
+                                     stats_valid_T=sv, return_stats=True, priority_T=pr)
             y = y.reshape(b, t, d)
             ids = ids.reshape(b, t, -1)
         else:
@@ -80,7 +81,7 @@ class Transformer(nnx.Module):
                  return_routing: bool = False, dispatch: str | None = None,
                  root_BT: jax.Array | None = None, write_offsets_T: jax.Array | None = None,
                  hidden_layers: tuple[int, ...] | None = None, plan=None,
-                 return_budget_stats: bool = False):
+                 return_budget_stats: bool = False, priority_BT: jax.Array | None = None):
         """Forward T new tokens per row.
 
         Args:
@@ -103,6 +104,9 @@ class Transformer(nnx.Module):
           plan: the ``sharding.ShardingPlan`` the parameters are laid out by; MoE layers
             dispatch expert-parallel when it shards experts. None = one device.
           return_budget_stats: also return per-MoE-layer expert-budget statistics.
+          priority_BT: float; under a budgeted dispatch, each token's chance of being
+            accepted (a draft node's path log-probability): the budget then covers the
+            likeliest tokens first (``budgeted_dispatch`` path selection).
 
         Under a lossless (``prune``) budgeted dispatch with ``root_BT`` given (a
         verification forward), a token that lost an expert in one MoE layer is dropped,
@@ -131,7 +135,8 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, k_cache, v_cache, ids, st = layer(x, positions_BT, k_cache, v_cache, start,
                                                  tree_mask, valid, dispatch, root_BT,
-                                                 write_offsets_T, plan, token_valid_BT)
+                                                 write_offsets_T, plan, token_valid_BT,
+                                                 priority_BT)
             if ids is not None:
                 routing.append(ids)
                 bstats.append(st)

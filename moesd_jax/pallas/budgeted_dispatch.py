@@ -23,6 +23,15 @@ The cap A:
 
 ``kept_A`` lists the kept experts in that priority order, padded with E.
 
+Path selection (``priority_T`` given; XLA only, no kernel): instead of the top-B by mass,
+the budget goes to the tokens most likely to be accepted. Valid non-root tokens are taken
+in ``priority_T`` order (higher first, ties to the lower index) and their natural top-k
+experts added while the union, not counting root experts, stays within B: the longest
+such prefix of tokens is fully covered. Slots left over go to the remaining experts by
+mass. Priority order for ``kept_A``: root experts, the prefix's experts, then by mass.
+With a draft chain ordered root-first this keeps the longest verifiable prefix of the
+chain; with a tree and path log-probabilities as priorities, the likeliest nodes.
+
 Policies (how tokens are routed among the kept experts):
 
 * ``substitute`` (MoE-Spec, lossy): each valid token takes its top-k among the kept
@@ -163,6 +172,37 @@ def _select_experts_ref(probs_TE, valid_T, root_T, *, top_k, budget, max_active,
     return kept_A, kept_E
 
 
+def _select_experts_path(probs_TE, valid_T, root_T, priority_T, *, top_k, budget,
+                         max_active):
+    """(kept_A, kept_E) by path selection (module docstring): the longest prefix of the
+    tokens in priority order whose natural experts fit in B, then mass."""
+    t, e = probs_TE.shape
+    nat_TK, _ = route_topk(probs_TE, top_k, False)
+    hit_TE = jnp.zeros((t, e + 1), bool).at[jnp.arange(t)[:, None], nat_TK].set(True)[:, :e]
+    root_E = jnp.any(hit_TE & (root_T & valid_T)[:, None], axis=0)               # [E]
+    cand_T = valid_T & ~root_T
+    score_T = jnp.where(cand_T, priority_T.astype(jnp.float32), -jnp.inf)
+    order_T = jnp.lexsort((jnp.arange(t), -score_T))  # priority descending, then index
+    cov_TE = jnp.cumsum((hit_TE & cand_T[:, None])[order_T].astype(jnp.int32), axis=0) > 0
+    size_T = jnp.sum(cov_TE & ~root_E[None, :], axis=1)  # non-decreasing: fits is a prefix
+    fits_T = size_T <= budget
+    path_E = jnp.any(cov_TE & fits_T[:, None], axis=0) & ~root_E
+    mass_E = jnp.sum(jnp.where(valid_T[:, None], probs_TE, 0.0), axis=0)
+    expert_E = jnp.arange(e, dtype=jnp.int32)
+    rest_E = ~(root_E | path_E)
+    free = budget - jnp.sum(path_E.astype(jnp.int32))
+    rest_order_E = jnp.lexsort((expert_E, -mass_E, ~rest_E))
+    rest_rank_E = jnp.zeros((e,), jnp.int32).at[rest_order_E].set(expert_E)
+    kept_E = root_E | path_E | (rest_E & (rest_rank_E < free))
+    prio_order_E = jnp.lexsort((expert_E, -mass_E, ~path_E, ~root_E))
+    prio_rank_E = jnp.zeros((e,), jnp.int32).at[prio_order_E].set(expert_E)
+    kept_E = kept_E & (prio_rank_E < max_active)
+    num_kept = jnp.sum(kept_E.astype(jnp.int32))
+    kept_A = jnp.where(jnp.arange(max_active) < num_kept,
+                       prio_order_E[:max_active].astype(jnp.int32), e)
+    return kept_A, kept_E
+
+
 def _normalise(w_TK, norm_topk_prob):
     if not norm_topk_prob:
         return w_TK
@@ -172,8 +212,9 @@ def _normalise(w_TK, norm_topk_prob):
 
 def budgeted_dispatch_ref(probs_TE, *, top_k, budget, policy, norm_topk_prob,
                           token_valid_T=None, root_T=None, block_rows=8,
-                          mass_fraction=None) -> BudgetPlan:
-    """Pure-jnp reference of :func:`budgeted_dispatch` (lax.top_k, sorts, cumsums).
+                          mass_fraction=None, priority_T=None) -> BudgetPlan:
+    """Pure-jnp reference of :func:`budgeted_dispatch` (lax.top_k, sorts, cumsums), and
+    the only implementation of path selection (``priority_T``).
 
     Same arguments and result; ``block_rows`` sizes the returned layout.
     """
@@ -183,9 +224,13 @@ def budgeted_dispatch_ref(probs_TE, *, top_k, budget, policy, norm_topk_prob,
     has_root = root_T is not None
     root_T = jnp.zeros((t,), bool) if root_T is None else root_T.astype(bool)
     a = kept_capacity(e, top_k, budget, has_root)
-    kept_A, kept_E = _select_experts_ref(p_TE, valid_T, root_T, top_k=top_k,
-                                         budget=budget, max_active=a,
-                                         mass_fraction=mass_fraction)
+    if priority_T is not None:
+        kept_A, kept_E = _select_experts_path(p_TE, valid_T, root_T, priority_T,
+                                              top_k=top_k, budget=budget, max_active=a)
+    else:
+        kept_A, kept_E = _select_experts_ref(p_TE, valid_T, root_T, top_k=top_k,
+                                             budget=budget, max_active=a,
+                                             mass_fraction=mass_fraction)
     if policy == "substitute":
         score_TE = jnp.where(kept_E[None, :], p_TE, -1.0)
         w_TK, ids_TK = jax.lax.top_k(score_TE, top_k)
@@ -439,6 +484,7 @@ def budgeted_dispatch(
     backend: str | None = None,
     interpret: bool | None = None,
     mass_fraction: float | None = None,
+    priority_T: jax.Array | None = None,
 ) -> BudgetPlan:
     """Route T tokens to experts while loading at most B (+ root's K) experts.
 
@@ -459,6 +505,9 @@ def budgeted_dispatch(
       interpret: force interpret mode for the kernel (default: only on CPU).
       mass_fraction: None = keep the top-B by mass; f in (0, 1] = keep experts in mass
         order until f of the total mass is covered (at least K, at most B).
+      priority_T: optional float [T]: path selection (module docstring), e.g. each draft
+        node's path log-probability. Runs the XLA implementation on every backend; not
+        combinable with ``mass_fraction``.
 
     Returns:
       BudgetPlan with A = min(E, B) (no roots) or min(E, B + K) (roots given).
@@ -470,11 +519,18 @@ def budgeted_dispatch(
     _validate_inputs(probs_TE, top_k=top_k, budget=budget, policy=policy,
                      token_valid_T=token_valid_T, root_T=root_T, platform=platform,
                      block_rows=block_rows, mass_fraction=mass_fraction)
-    if platform == "xla":
+    if priority_T is not None:
+        if mass_fraction is not None:
+            raise ValueError(f"priority_T (path selection) and mass_fraction={mass_fraction} "
+                             "are two different selections: pass one")
+        if priority_T.shape != (t,):
+            raise ValueError(f"priority_T has shape {priority_T.shape}; expected ({t},)")
+    if platform == "xla" or priority_T is not None:
         return budgeted_dispatch_ref(probs_TE, top_k=top_k, budget=budget, policy=policy,
                                      norm_topk_prob=norm_topk_prob,
                                      token_valid_T=token_valid_T, root_T=root_T,
-                                     block_rows=block_rows, mass_fraction=mass_fraction)
+                                     block_rows=block_rows, mass_fraction=mass_fraction,
+                                     priority_T=priority_T)
     valid_T = jnp.ones((t,), bool) if token_valid_T is None else token_valid_T
     has_root = root_T is not None
     root_T = jnp.zeros((t,), bool) if root_T is None else root_T

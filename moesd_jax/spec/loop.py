@@ -34,6 +34,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from moesd_jax.kv_cache import KVCache, compact
@@ -281,6 +282,28 @@ def _append(s: DecodeState, new_BT, n_new_B, active_B):
     return tokens, seq_len, done, n_new
 
 
+def node_priority(tree, node_tok_BT, q_BTV=None) -> jax.Array:
+    """float32 [B, N+1]: each draft node's log-score of being accepted, for the lossless
+    budget's path selection: the sum over its path (root excluded) of the log draft
+    probability of each node's token (``q_BTV`` at the parent; none for a deterministic
+    proposer, and 0 for greedy rows, whose q is one-hot) plus a rank prior
+    ``-log(1 + rank)`` (the tree's r-th child is less likely than its first). A child
+    never scores above its parent, so any prefix in priority order is a subtree."""
+    t = tree.num_nodes + 1
+    prior = -np.log1p(np.asarray(tree.ranks, np.float32))
+    prior[0] = 0.0
+    node_BT = jnp.broadcast_to(jnp.asarray(prior)[None, :], node_tok_BT.shape)
+    if q_BTV is not None:
+        b, _, v = q_BTV.shape
+        par = np.maximum(np.asarray(tree.parents), 0)
+        flat = jnp.asarray(par, jnp.int32)[None, :] * v + node_tok_BT  # q at the parent
+        q_BT = jnp.take_along_axis(q_BTV.reshape(b, t * v), flat, axis=1)
+        logq = jnp.log(jnp.clip(q_BT, 1e-6, 1.0))
+        node_BT = node_BT + jnp.where(jnp.arange(t)[None, :] > 0, logq, 0.0)
+    anc = jnp.asarray(np.asarray(tree.ancestor_mask, np.float32))  # [i, j]: j on i's path
+    return jnp.einsum("BJ,IJ->BI", node_BT, anc, precision=jax.lax.Precision.HIGHEST)
+
+
 def _budget_cut(cfg: LoopConfig, routing, path_BJ, n_acc):
     """Lossless ``prune`` budget: the first accepted node that lost an expert ends the
     path there without a bonus token.
@@ -377,10 +400,13 @@ def _step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
         hl = None if tree is None else proposer.hidden_layers(draft)
         # budgets apply to verification only: a plain decoding step runs unbudgeted
         budgeted = cfg.budgeted and tree is not None
+        # lossless budgets cover the likeliest nodes first (path selection)
+        prio = (node_priority(tree, node_tok, prop.q_BTV)
+                if budgeted and cfg.budget_prune else None)
         out = apply(tg, ts, node_tok, pos_BT, tcache, tree_mask=anc, token_valid_BT=valid_BT,
                     return_routing=True, root_BT=root_BT, hidden_layers=hl, plan=cfg.plan,
                     dispatch=None if budgeted else cfg.prefill_dispatch,
-                    return_budget_stats=budgeted)
+                    return_budget_stats=budgeted, priority_BT=prio)
         logits, tcache, routing = out[:3]
         hidden = out[3] if hl is not None else None
 

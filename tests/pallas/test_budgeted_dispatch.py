@@ -253,3 +253,47 @@ def test_validation_errors(kwargs, match):
     base = dict(top_k=K, budget=3, policy="prune", norm_topk_prob=False, backend="cpu")
     with pytest.raises(ValueError, match=match):
         bd.budgeted_dispatch(jnp.full((T, E), 1.0 / E), **dict(base, **kwargs))
+
+
+def _one_hot_routing(experts_per_token, e=E):
+    """probs whose top-K per token are the listed experts (first listed = largest)."""
+    logits = np.full((len(experts_per_token), e), -8.0)
+    for t, ids in enumerate(experts_per_token):
+        for r, x in enumerate(ids):
+            logits[t, x] = 4.0 - r
+    return softmax_probs(logits)
+
+
+def test_path_selection_covers_the_likeliest_prefix():
+    """Root (token 0) on experts {0, 1}; draft tokens 1..4 in priority order 1 > 2 > 3 > 4
+    route to {2, 3}, {3, 4}, {5, 6}, {2, 4}. B = 3: tokens 1 and 2 fit ({2, 3, 4}), token 3
+    would make 5, so it is dropped; token 4 ({2, 4}) is covered anyway and stays alive.
+    Mass-based top-B would pick other experts and kill token 1 or 2."""
+    routes = [(0, 1), (2, 3), (3, 4), (5, 6), (2, 4)]
+    probs = _one_hot_routing(routes)
+    t = len(routes)
+    root = jnp.arange(t) == 0
+    valid = jnp.ones((t,), bool)
+    prio = jnp.asarray([0.0, -0.1, -0.2, -0.3, -0.4])
+    plan = bd.budgeted_dispatch(probs, top_k=K, budget=3, policy="prune",
+                                norm_topk_prob=False, token_valid_T=valid, root_T=root,
+                                backend="xla", priority_T=prio)
+    kept = set(np.flatnonzero(np.asarray(plan.kept_E)).tolist())
+    assert kept == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(np.asarray(plan.kept_A)[:2], [0, 1])  # roots first
+    np.testing.assert_array_equal(plan.alive_T, [True, True, True, False, True])
+    # priorities reversed: token 4 goes first ({2, 4}), token 3 would make 4 > 3: stop;
+    # the free slot goes to the expert with most mass left, 3, which revives tokens 1, 2
+    plan = bd.budgeted_dispatch(probs, top_k=K, budget=3, policy="prune",
+                                norm_topk_prob=False, token_valid_T=valid, root_T=root,
+                                backend="xla", priority_T=-prio)
+    np.testing.assert_array_equal(plan.alive_T, [True, True, True, False, True])
+    np.testing.assert_array_equal(np.asarray(plan.kept_A), [0, 1, 2, 4, 3])
+    # leftover slots are filled by mass; B = E keeps everything alive
+    plan = bd.budgeted_dispatch(probs, top_k=K, budget=E, policy="prune",
+                                norm_topk_prob=False, token_valid_T=valid, root_T=root,
+                                backend="xla", priority_T=prio)
+    assert bool(jnp.all(plan.alive_T))
+    with pytest.raises(ValueError, match="mass_fraction"):
+        bd.budgeted_dispatch(probs, top_k=K, budget=3, policy="prune", norm_topk_prob=False,
+                             root_T=root, backend="xla", priority_T=prio, mass_fraction=0.5)

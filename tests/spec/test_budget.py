@@ -287,3 +287,33 @@ def test_budget_against_the_target(models):
     with pytest.raises(ConfigError, match="the target is dense"):
         SpecDecoder(build(dense_cfg()), spec=SpecConfig(
             method="none", budget=BudgetConfig(policy="moe_spec", b=2)))
+
+
+def test_node_priority_is_the_path_log_probability():
+    from moesd_jax.spec.loop import node_priority
+    from moesd_jax.spec.tree import load_tree
+
+    tree = load_tree("tree-15")
+    b, t, v = 2, tree.num_nodes + 1, 16
+    rng = np.random.default_rng(0)
+    q = rng.random((b, t, v)).astype(np.float32)
+    q /= q.sum(-1, keepdims=True)
+    tok = rng.integers(0, v, (b, t)).astype(np.int32)
+    got = np.asarray(node_priority(tree, jnp.asarray(tok), jnp.asarray(q)))
+    for row in range(b):
+        for i in range(1, t):
+            want, j = 0.0, i
+            while j > 0:  # walk up the path
+                par = int(tree.parents[j])
+                want += np.log(q[row, par, tok[row, j]]) - np.log1p(tree.ranks[j])
+                j = par
+            assert got[row, i] == pytest.approx(want, rel=1e-5, abs=1e-5)
+        assert got[row, 0] == 0.0
+        assert all(got[row, i] <= got[row, int(tree.parents[i])] + 1e-6 for i in range(1, t))
+    # a deterministic proposer: the rank prior alone; a chain: all zero (index order)
+    det = np.asarray(node_priority(tree, jnp.asarray(tok)))
+    assert det[0, 1] == 0.0 and det.min() < 0.0
+    from moesd_jax.spec.tree import TokenTree
+
+    chain = TokenTree(((0,), (0, 0), (0, 0, 0)))
+    assert np.all(np.asarray(node_priority(chain, jnp.zeros((1, 4), jnp.int32))) == 0.0)
