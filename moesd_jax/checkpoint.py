@@ -48,9 +48,10 @@ class CheckpointError(ValueError):
 
 
 def bundled_model_dir(which: str = "target") -> Path:
-    """``moesd_jax/bundled/<which>``: the packaged default target or draft model."""
-    if which not in ("target", "draft"):
-        raise ValueError(f"which={which!r} must be 'target' or 'draft'")
+    """``moesd_jax/bundled/<which>``: the packaged default target, draft model or EAGLE
+    head (``eagle``)."""
+    if which not in ("target", "draft", "eagle"):
+        raise ValueError(f"which={which!r} must be 'target', 'draft' or 'eagle'")
     return BUNDLED_ROOT / which
 
 

@@ -87,7 +87,10 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
     if draft and spec not in ("draft", "eagle"):
         raise ConfigError(f"--draft given but --spec={spec!r}; use --spec draft (or eagle)")
     if spec == "eagle" and not draft:
-        raise ConfigError("--spec eagle needs --draft PATH_TO_EAGLE_HEAD_DIR")
+        if model or not bundled_model_dir("eagle").is_dir():
+            raise ConfigError("--spec eagle needs --draft PATH_TO_EAGLE_HEAD_DIR (only the "
+                              "bundled target has a bundled head)")
+        draft = str(bundled_model_dir("eagle"))
     from moesd_jax.config import BudgetConfig
 
     spec_cfg = SpecConfig(method=spec, k=k, tree=tree, ngram_n=ngram_n, auto=auto,
@@ -125,6 +128,11 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         if not Path(draft_path).exists():
             raise ConfigError(f"--draft {draft_path!r} does not exist")
         draft_model = load_eagle(draft_path, target.cfg)
+        if (param_dtype == "auto" and draft_model.cfg.param_dtype != "float32"
+                and _param_dtype(param_dtype, target_path) == "float32"):
+            from moesd_jax.spec.eagle_io import cast_eagle
+
+            draft_model = cast_eagle(draft_model, "float32")  # as the target: once, at load
     if mesh is None and param_dtype == "auto":
         cpu_decode_layout(target)
         if draft_model is not None and spec == "draft":

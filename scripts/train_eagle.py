@@ -10,6 +10,7 @@ Examples::
       --prompt 'def fibonacci(n):'
   # the head in the public EAGLE-3 layout (config.json + model.safetensors)
   python scripts/train_eagle.py --export-hf runs/eagle/final --out runs/eagle-hf
+  python scripts/train_eagle.py --export-bf16 runs/eagle/final --out moesd_jax/bundled/eagle
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-hf", metavar="HEAD_DIR",
                     help="only write HEAD_DIR's head in the public layout to --out")
+    ap.add_argument("--export-bf16", metavar="HEAD_DIR",
+                    help="only write HEAD_DIR's head with bfloat16 parameters (native layout) "
+                         "to --out: how moesd_jax/bundled/eagle is made")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -79,6 +83,12 @@ def run(args) -> int:
         raise ValueError("--out is required")
     if args.export_hf:
         print(json.dumps({"export": str(save_eagle_hf(args.out, load_eagle(args.export_hf)))}))
+        return 0
+    if args.export_bf16:
+        from moesd_jax.spec.eagle_io import cast_eagle, save_eagle
+
+        head = cast_eagle(load_eagle(args.export_bf16), "bfloat16")
+        print(json.dumps({"export": str(save_eagle(args.out, head))}))
         return 0
     from train import load_tokens  # scripts/train.py: the cached corpus encoding
 

@@ -30,3 +30,22 @@ def test_load_models_errors(ckpt, tmp_path):
         load_models(str(ckpt), spec="beam")
     with pytest.raises(ConfigError, match="--draft given"):
         load_models(str(ckpt), draft=str(ckpt), spec="ngram")
+    with pytest.raises(ConfigError, match="only the bundled target has a bundled head"):
+        load_models(str(ckpt), spec="eagle")
+
+
+def test_eagle_head_loads_cast_to_float32(ckpt, tmp_path):
+    """A bfloat16-stored head (as bundled) is cast to float32 at load on CPU."""
+    from flax import nnx
+
+    from moesd_jax.checkpoint import save_checkpoint
+    from moesd_jax.spec.eagle import EagleConfig, EagleHead
+    from moesd_jax.spec.eagle_io import cast_eagle, save_eagle
+
+    target = build(moe_cfg(experts=8, param_dtype="bfloat16"), seed=0)
+    save_checkpoint(tmp_path / "t", target)
+    head = cast_eagle(EagleHead(EagleConfig.for_target(target.cfg), nnx.Rngs(0)), "bfloat16")
+    save_eagle(tmp_path / "h", head)
+    lm = load_models(str(tmp_path / "t"), str(tmp_path / "h"), spec="eagle")
+    assert lm.draft.cfg.param_dtype == "float32"
+    assert str(lm.draft.fc_KD[...].dtype) == "float32"

@@ -286,6 +286,23 @@ def load_eagle_hf(path: str | Path, target_cfg=None, hidden_layers=None,
     return head
 
 
+def cast_eagle(head: EagleHead, param_dtype: str) -> EagleHead:
+    """A copy of ``head`` whose parameters are stored as ``param_dtype`` (the vocabulary
+    maps stay int / bool). Bundling stores bfloat16 (half the bytes); CPU decoding casts
+    back to float32 once at load (XLA:CPU bfloat16 dots are slow, and the head casts its
+    weights to the compute dtype on every step otherwise)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(head.cfg, param_dtype=param_dtype)
+    cfg.validate()
+    dt = jnp.dtype(param_dtype)
+    params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating)
+                          else a, nnx.to_pure_dict(nnx.state(head)))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: EagleHead(cfg, nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(abstract, params)
+    return nnx.merge(graphdef, abstract)
+
+
 def load_eagle(path: str | Path, target_cfg=None, *, verify: bool = True) -> EagleHead:
     """Loads a head from a native directory (``eagle_config.json``) or a public EAGLE-3
     one (``config.json`` + ``model.safetensors``); checks it against ``target_cfg``."""
@@ -306,4 +323,4 @@ def load_eagle(path: str | Path, target_cfg=None, *, verify: bool = True) -> Eag
                           "EAGLE-3 layout)")
 
 
-__all__ = ["save_eagle", "save_eagle_hf", "load_eagle", "load_eagle_hf"]
+__all__ = ["save_eagle", "save_eagle_hf", "load_eagle", "load_eagle_hf", "cast_eagle"]

@@ -173,3 +173,21 @@ def test_bad_inputs_raise(target):
         EagleConfig.for_target(target.cfg, hidden_layers=(0, 1))
     assert default_hidden_layers(32) == (1, 16, 30)
     assert default_hidden_layers(2) == (0, 0, 1)
+
+
+def test_bfloat16_bundle_round_trip(target, tmp_path):
+    """The bundled head's storage: bfloat16 params saved natively, cast back to float32
+    at load; logits equal the float32 head whose weights are rounded to bfloat16."""
+    from moesd_jax.spec.eagle_io import cast_eagle
+
+    head = EagleHead(EagleConfig.for_target(target.cfg, draft_vocab=20), nnx.Rngs(5))
+    small = cast_eagle(head, "bfloat16")
+    assert small.cfg.param_dtype == "bfloat16"
+    leaves = jax.tree.leaves(nnx.state(small))
+    assert {str(x.dtype) for x in leaves} == {"bfloat16", "int32", "bool"}
+    back = cast_eagle(load_eagle(save_eagle(tmp_path / "b", small), target.cfg), "float32")
+    rounded = cast_eagle(cast_eagle(head, "bfloat16"), "float32")
+    assert back.cfg.param_dtype == "float32"
+    got, want = _logits(back, target), _logits(rounded, target)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert not np.array_equal(_logits(head, target)[0], got[0])  # the rounding is real
