@@ -51,7 +51,6 @@ class LoadedModels:
 def load_models(model: str | None = None, draft: str | None = None, spec: str | None = None,
                 k: int = 4, tree: str | None = None, dispatch: str | None = None,
                 ngram_n: int = 2, mesh=None, param_dtype: str | None = "auto",
-                budget: int | None = None, budget_policy: str = "prune",
                 auto: bool = False, auto_costs: str = "measured",
                 spec_budget=None) -> LoadedModels:
     """Loads the target (and draft) from orbax checkpoints or HF directories.
@@ -71,8 +70,6 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         dtype (XLA:CPU runs bf16 dots about 15x slower than f32, and casting bf16 weights
         on every step costs a copy of them), elsewhere the stored dtype; with no mesh
         ``auto`` also applies :func:`cpu_decode_layout`. None: as stored.
-      budget, budget_policy: a verification-time expert budget set on the target itself
-        (:func:`with_expert_budget`, internal policy names); None: as configured.
       spec_budget: a :class:`~moesd_jax.config.BudgetConfig` for ``SpecConfig.budget``
         (``--budget``): the decoder applies it to a view of the target
         (``spec/budget.py``); checked against the target here.
@@ -105,8 +102,6 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         shardings = sharding.as_plan(mesh).param_shardings
     target, tok = load_model(target_path, dispatch=dispatch, shardings=shardings,
                              param_dtype=_param_dtype(param_dtype, target_path))
-    if budget is not None:
-        with_expert_budget(target, budget, budget_policy)
     if spec_cfg.budget.enabled:  # B against the target: fail before loading the draft
         from moesd_jax.spec.budget import moe_fields
 
@@ -142,30 +137,6 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
 
         tok = load_tokenizer()
     return LoadedModels(target, draft_model, tok, spec_cfg, target_path, draft_path)
-
-
-def with_expert_budget(model, budget: int, policy: str = "prune"):
-    """Sets a verification-time expert budget on a loaded MoE model (in place).
-
-    The MoE layers' dispatch becomes ``<backend>_budgeted`` with ``moe.budget=budget``
-    and ``moe.budget_policy=policy`` (``prune``: lossless; ``substitute``: MoE-Spec's
-    lossy re-routing); parameters are unchanged. Returns the model.
-
-    Raises:
-      ConfigError: a dense model, or a budget outside [top_k, num_experts].
-    """
-    m = model.cfg.moe
-    if m is None:
-        raise ConfigError(f"--budget={budget}: the target has no MoE layers")
-    dispatch = m.dispatch if m.dispatch.endswith("_budgeted") else f"{m.dispatch}_budgeted"
-    cfg = dataclasses.replace(model.cfg, moe=dataclasses.replace(
-        m, dispatch=dispatch, budget=budget, budget_policy=policy))
-    cfg.validate()
-    model.cfg = cfg  # the MoE blocks read cfg.moe at trace time
-    for layer in model.layers:
-        if layer.is_moe:
-            layer.moe.cfg = cfg
-    return model
 
 
 def _param_dtype(choice: str | None, path: str) -> str | None:

@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--spec", choices=["none", "draft", "ngram", "eagle"], default=None)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per iteration")
     ap.add_argument("--tree", default=None, help="tree name in configs/spec or a YAML path")
-    ap.add_argument("--budget", type=int, default=None,
-                    help="verification-time expert budget B per layer (MoE-Spec)")
-    ap.add_argument("--budget-policy", choices=["prune", "substitute"], default="prune")
     ap.add_argument("--dispatch", default=None, help="MoE dispatch backend override")
+    from moesd_jax.cli.budget_args import add_budget_arguments
+
+    add_budget_arguments(ap, gate=False)
     ap.add_argument("--mesh", default=None,
                     help="sharding strategy (configs/mesh name or YAML path)")
     ap.add_argument("--batch-size", type=int, default=16,
@@ -112,9 +112,11 @@ def run(args, rejects: Path) -> int:
 
     keep_host_buffers()
     nproc, me = jax.process_count(), jax.process_index()
+    from moesd_jax.cli.budget_args import budget_from_args
+
     lm = load_models(args.model, args.draft, args.spec, k=args.k, tree=args.tree,
-                     dispatch=args.dispatch, mesh=args.mesh, budget=args.budget,
-                     budget_policy=args.budget_policy)
+                     dispatch=args.dispatch, mesh=args.mesh,
+                     spec_budget=budget_from_args(args))
     dec = SpecDecoder(lm.target, lm.draft, lm.spec, max_len=args.max_len, mesh=args.mesh)
     limits = Limits(vocab=dec.cfg.vocab, max_len=dec.cfg.max_len, k_eff=dec.cfg.k_eff)
     defaults = Defaults(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)

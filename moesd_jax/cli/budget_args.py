@@ -14,8 +14,8 @@ def add_budget_arguments(ap: argparse.ArgumentParser, gate: bool = True) -> None
     g.add_argument("--budget", default="none", metavar="POLICY",
                    help=f"one of {', '.join(BUDGET_POLICIES)}: moe_spec = MoE-Spec (lossy, "
                    "drafts re-pick experts among the top-B by routing mass); mass = keep "
-                   "experts until --budget-mass of the mass (at most B); lossless = keep "
-                   "the top-B but prune draft nodes that lose an expert (exact output)")
+                   "experts until --budget-mass of the mass (at most B); lossless = B experts "
+                   "for the likeliest draft nodes, prune nodes that lose one (exact output)")
     g.add_argument("--budget-b", type=int, default=None, metavar="B",
                    help="experts kept per MoE layer per verification (top_k <= B <= E; "
                    "the root token's own top-k come on top)")

@@ -71,8 +71,7 @@ def budgeted_target(model, budget: BudgetConfig):
 
     The caller's model is not changed: the result is a new module object sharing its
     parameter arrays (no weight copy) with only its config replaced. Policy ``none``
-    returns ``model`` itself (a target already budgeted through
-    ``runtime.with_expert_budget`` keeps its budget).
+    returns ``model`` itself (a target whose config already sets a budget keeps it).
     """
     from flax import nnx
 
