@@ -81,3 +81,25 @@ def test_recorded_acceptance(metrics):
     assert spec["k"] == 4 and spec["prompts"] == 50 and spec["greedy"]
     assert spec["mean_acceptance_length"] >= 2.0
     assert metrics["target"]["heldout"]["loss"] < metrics["draft"]["heldout"]["loss"] + 1.0
+
+
+def test_bundled_eagle_head_drafts_and_is_lossless():
+    """The bundled EAGLE-3 head (``--spec eagle`` with no ``--draft``): stored in bfloat16
+    within a few MB, loaded in float32, greedy SD == AR, and it drafts like a trained head
+    (an untrained one accepts ~0 drafts)."""
+    from moesd_jax.data import heldout_prompts
+    from moesd_jax.runtime import load_models
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    d = bundled_model_dir("eagle")
+    assert d.is_dir(), f"{d} missing: scripts/train_eagle.py --export-bf16 (README)"
+    assert _dir_bytes(d) <= 8 * 1024 * 1024, _dir_bytes(d)
+    lm = load_models(spec="eagle", k=4)
+    assert lm.draft_path == str(d) and lm.draft.cfg.param_dtype == "float32"
+    prompts = [lm.tokenizer.encode(t) for t in heldout_prompts(lm.tokenizer, n=4,
+                                                                 prompt_tokens=48)]
+    ar = SpecDecoder(lm.target).generate(prompts, 32)
+    sd = SpecDecoder(lm.target, lm.draft, lm.spec).generate(prompts, 32)
+    assert [r.token_ids for r in sd] == [r.token_ids for r in ar]
+    acc = np.mean([r.stats["mean_acceptance_length"] for r in sd])
+    assert acc >= 1.8, acc

@@ -31,7 +31,7 @@ def test_scopes_drop_wrappers_and_name_bare_instructions():
                                         "dot.3": "?dot f32[1,4096]"}
 
 
-@pytest.mark.parametrize("method", ["none", "draft"])
+@pytest.mark.parametrize("method", ["draft", pytest.param("none", marks=pytest.mark.slow)])
 def test_profile_of_a_generate_call(method):
     target = build(moe_cfg(vocab=64, layers=2, d=32, max_len=64))
     draft = build(dense_cfg(vocab=64, layers=1, d=32, max_len=64), seed=3)

@@ -18,8 +18,10 @@ Utility < 1 means speculation slows the request down.
 batch's rows test together and the AR program runs when every row has chosen K = 0): a
 *test* phase of ``test_iters`` iterations drafts K_t for every row and records each
 row's accepted counts (K_t: the K the batch chose at its last decision, or the smallest
-candidate when that was 0 or at the start: a test costs what the batch already pays, or
-the least a test can, instead of K_max's iteration every time); at its end each row
+*viable* candidate when that was 0 or at the start: a test costs what the batch already
+pays, or the least a useful test can, instead of K_max's iteration every time; a
+candidate is viable when it could pay at all, (1 + K) / cost(K) > 1 with every draft
+accepted, and when none is, the batch never tests and decodes plainly); at its end each row
 takes the K (0 or a candidate) with the best utility for the *set* phase of
 ``set_iters`` iterations; then the batch re-tests. A row's K is capped at the K with the
 most tokens per cost summed over the batch (the step pays for the largest K any row
@@ -117,18 +119,32 @@ class Controller:
     test_k: jax.Array
 
 
+NEVER = 2**30  # a set phase that never ends: no candidate can pay, so never test
+
+
+def first_viable(ucfg: UtilityConfig, cost_K) -> jax.Array:
+    """int32 []: the smallest candidate K that could pay at all, utility (1 + K) / cost(K)
+    > 1 with every draft accepted; 0 when none can (speculation cannot win at these
+    costs, so the controller never tests: the batch decodes plainly throughout)."""
+    ks = jnp.asarray(ucfg.candidates, jnp.int32)
+    viable = (1.0 + ks) > jnp.take(cost_K, ks)
+    return jnp.min(jnp.where(viable, ks, NEVER)).astype(jnp.int32) % NEVER
+
+
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
     ka = ucfg.k_max + 1
     cost = jnp.asarray(cost_K, jnp.float32)
     if cost.shape != (ka,):
         raise ValueError(f"cost_K has shape {cost.shape}; need ({ka},) for K = 0..{ka - 1}")
+    k0 = first_viable(ucfg, cost)
+    never = k0 == 0  # skip the test phase for good; every row at K = 0
     return Controller(cost, jnp.zeros((batch, ka), jnp.int32),
                       jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
                       jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(ucfg.set_iters, jnp.int32),
-                      jnp.asarray(ucfg.candidates[0], jnp.int32))
+                      jnp.asarray(seq_len_B, jnp.int32),
+                      jnp.where(never, ucfg.test_iters, 0).astype(jnp.int32),
+                      jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), k0)
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
@@ -200,11 +216,11 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     all_zero = jnp.any(decide) & jnp.all(jnp.where(decide, best == 0, True))
     set_len = jnp.where(last, jnp.where(all_zero, jnp.minimum(
         2 * c.set_len, ucfg.max_backoff * ucfg.set_iters), ucfg.set_iters), c.set_len)
-    phase = c.phase_iter + 1
+    phase = jnp.minimum(c.phase_iter + 1, NEVER)
     phase = jnp.where(phase >= ucfg.test_iters + set_len, 0, phase)
-    # the next test drafts what the batch chose (the smallest candidate if that is 0)
+    # the next test drafts what the batch chose (the smallest viable candidate if 0)
     any_decided = jnp.any(decide)
-    test_k = jnp.where(any_decided, jnp.maximum(cap, ucfg.candidates[0]), c.test_k)
+    test_k = jnp.where(any_decided, jnp.maximum(cap, first_viable(ucfg, c.cost_K)), c.test_k)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
                      util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
                      n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1,

@@ -63,7 +63,7 @@ def test_utilities_from_a_histogram():
     assert int(c.test_k) == 4  # the next test drafts what the batch chose
     # every tested row choosing K = 0 doubles the next set phase, up to max_backoff
     lose = utility.UtilityConfig(candidates=(1,), test_iters=1, set_iters=2, max_backoff=4)
-    c = utility.init(lose, 1, jnp.array([1.0, 9.0]), jnp.array([5]))
+    c = utility.init(lose, 1, jnp.array([1.0, 1.9]), jnp.array([5]))  # could pay, loses
     lens, tests = [], 0
     for _ in range(30):
         tests += int(utility.in_test(lose, c))
@@ -116,8 +116,17 @@ def setup():
     return dec, prompts, ar
 
 
+def test_first_viable_candidate():
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    fv = lambda c: int(utility.first_viable(u, jnp.asarray(c, jnp.float32)))  # noqa: E731
+    assert fv([1.0, 1.5, 2.0, 3.0, 4.0]) == 1
+    assert fv([1.0, 2.5, 3.5, 4.5, 4.8]) == 4  # only K = 4 could pay: 5 / 4.8 > 1
+    assert fv([1.0, 5.0, 6.0, 7.0, 8.0]) == 0  # none: never test
+
+
 @pytest.mark.parametrize("regime,cost", [
-    ("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0]),  # -> K = 0, plain decoding, re-tests
+    ("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0]),  # no K could pay -> never tests
+    ("only K = 4 could pay", [1.0, 2.5, 3.5, 4.5, 4.8]),  # tests draft 4; -> K = 0 or 4
     pytest.param("speculation free", [1.0] * 5, marks=pytest.mark.slow),  # -> K = 4
     ("mixed", [1.0, 1.3, 1.6, 1.9, 2.2]),  # -> per-row choices from acceptance
 ])
@@ -128,12 +137,17 @@ def test_auto_k_greedy_equals_ar(setup, regime, cost):
     for b, p in enumerate(prompts):
         assert tokens[b, len(p): seq[b]].tolist() == ar[b], (regime, b)
     ks = {d["k"] for b in range(len(prompts)) for d in utility.decisions(s.controller, b)}
-    if regime == "speculation loses":
-        assert ks == {0}
-        # test phases only (2 of at most every 5 iterations, then rarer): K_max = 4 drafts
-        assert (np.asarray(s.stats.drafted_B) <= 4 * 2 * (-(-np.asarray(
-            s.stats.iterations_B) // 5))).all()
-        assert int(s.controller.set_len) > UCFG.set_iters  # backed off
+    if regime == "speculation loses":  # plain decoding throughout: no test, no draft
+        assert ks == set() and int(np.asarray(s.stats.drafted_B).sum()) == 0
+        assert int(s.controller.set_len) == utility.NEVER
+    elif regime == "only K = 4 could pay":
+        assert ks <= {0, 4} and ks
+        assert int(s.controller.test_k) == 4
+        # test phases only (2 of at most every 5 iterations, then rarer), 4 drafts each,
+        # or rows that chose 4
+        if ks == {0}:
+            assert (np.asarray(s.stats.drafted_B) <= 4 * 2 * (-(-np.asarray(
+                s.stats.iterations_B) // 5))).all()
     elif regime == "speculation free":  # ties go to the smaller K; rows that accept go up
         assert max(ks) >= 2
     else:
@@ -173,8 +187,10 @@ def test_decoder_k_auto(setup):
     assert [r.token_ids for r in res] == ar
     costs = dec.utility_costs(len(prompts))
     assert costs[0] == 1.0 and costs.shape == (5,) and (costs[1:] > 0).all()
-    for r in res:
-        assert r.stats["utility"] and {d["k"] for d in r.stats["utility"]} <= {0, 1, 2, 4}
+    viable = int(utility.first_viable(dec.cfg.utility, jnp.asarray(costs)))
+    for r in res:  # decisions exactly when some K could pay (else no test ever runs)
+        assert bool(r.stats["utility"]) == (viable > 0), (costs, r.stats["utility"])
+        assert {d["k"] for d in r.stats["utility"]} <= {0, 1, 2, 4}
 
 
 def nnx_merge(pieces):
