@@ -45,3 +45,24 @@ def test_broken_rule_is_detected(pair, ar_samples, monkeypatch):
     p = two_sample_p(ar_samples, sd)
     print(f"chi-square p (broken rule vs AR) = {p:.2e}")
     assert p < 0.001
+
+
+@pytest.mark.slow  # the EAGLE head's greedy == AR tests run by default (test_eagle.py)
+@pytest.mark.parametrize("spec_kw", [dict(k=2), dict(tree="tree-7")])
+def test_sampled_eagle_matches_target_distribution(pair, ar_samples, spec_kw):
+    """The EAGLE-3 head drafts (chain and tree) through the same rejection sampling: the
+    joint distribution of sampled tokens is the target's. An untrained head with a
+    sharpened vocabulary projection, so its drafts are confident and often wrong."""
+    from flax import nnx
+
+    from moesd_jax.spec.eagle import EagleConfig, EagleHead
+
+    target, _ = pair
+    head = EagleHead(EagleConfig.for_target(target.cfg), nnx.Rngs(7))
+    head.lm_head_DV[...] = head.lm_head_DV[...] * 6.0
+    dec = SpecDecoder(target, head, SpecConfig(method="eagle", **spec_kw), max_len=16,
+                      prompt_bucket=4)
+    got = samples(dec)
+    p = two_sample_p(ar_samples, got)
+    print(f"chi-square p (EAGLE {spec_kw} vs AR) = {p:.4f}")
+    assert p >= 0.001
