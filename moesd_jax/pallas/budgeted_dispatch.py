@@ -158,15 +158,22 @@ def _select_experts_ref(probs_TE, valid_T, root_T, *, top_k, budget, max_active,
     mass_order_E = jnp.lexsort((expert_E, -mass_E))
     prio_order_E = jnp.lexsort((expert_E, -mass_E, ~root_E))
     mass_rank_E = jnp.zeros((e,), jnp.int32).at[mass_order_E].set(expert_E)
-    prio_rank_E = jnp.zeros((e,), jnp.int32).at[prio_order_E].set(expert_E)
     by_mass_E = mass_rank_E < budget
     if mass_fraction is not None:
         sorted_E = mass_E[mass_order_E]
         before_E = (jnp.cumsum(sorted_E) - sorted_E)[mass_rank_E]  # mass ranked ahead
         by_mass_E &= (mass_rank_E < top_k) | (before_E < mass_fraction * jnp.sum(mass_E))
-    kept_E = (root_E | by_mass_E) & (prio_rank_E < max_active)
+    return _capped(root_E | by_mass_E, prio_order_E, max_active)
+
+
+def _capped(kept_E, prio_order_E, max_active):
+    """(kept_A, kept_E) with at most ``max_active`` kept: the kept experts are a prefix of
+    the priority order ``prio_order_E``, so the lowest-priority ones are dropped."""
+    e = kept_E.shape[0]
+    expert_E = jnp.arange(e, dtype=jnp.int32)
+    prio_rank_E = jnp.zeros((e,), jnp.int32).at[prio_order_E].set(expert_E)
+    kept_E = kept_E & (prio_rank_E < max_active)
     num_kept = jnp.sum(kept_E.astype(jnp.int32))
-    # Kept experts are a prefix of the priority order.
     kept_A = jnp.where(jnp.arange(max_active) < num_kept,
                        prio_order_E[:max_active].astype(jnp.int32), e)
     return kept_A, kept_E
@@ -194,13 +201,7 @@ def _select_experts_path(probs_TE, valid_T, root_T, priority_T, *, top_k, budget
     rest_order_E = jnp.lexsort((expert_E, -mass_E, ~rest_E))
     rest_rank_E = jnp.zeros((e,), jnp.int32).at[rest_order_E].set(expert_E)
     kept_E = root_E | path_E | (rest_E & (rest_rank_E < free))
-    prio_order_E = jnp.lexsort((expert_E, -mass_E, ~path_E, ~root_E))
-    prio_rank_E = jnp.zeros((e,), jnp.int32).at[prio_order_E].set(expert_E)
-    kept_E = kept_E & (prio_rank_E < max_active)
-    num_kept = jnp.sum(kept_E.astype(jnp.int32))
-    kept_A = jnp.where(jnp.arange(max_active) < num_kept,
-                       prio_order_E[:max_active].astype(jnp.int32), e)
-    return kept_A, kept_E
+    return _capped(kept_E, jnp.lexsort((expert_E, -mass_E, ~path_E, ~root_E)), max_active)
 
 
 def _normalise(w_TK, norm_topk_prob):
