@@ -94,7 +94,9 @@ def main(argv=None) -> int:
             return 0
         return run(args, rejects)
     except (ValueError, ConfigError, FileNotFoundError, JobError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from moesd_jax.cli.budget_args import option_names
+
+        print(f"error: {option_names(str(e))}", file=sys.stderr)
         return 2
 
 
