@@ -250,7 +250,11 @@ class Engine:
             costs = jnp.asarray(self.decoder.utility_costs(b, per_call=True))
             log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
                      np.round(np.asarray(costs), 3).tolist())
-            state = state.replace(controller=state.controller.replace(cost_K=costs))
+            # the whole controller from its costs: the batch-wide clock (test / set phase
+            # lengths, the first test's K, never testing when no K can pay) is set here,
+            # once; admitted rows bring only their row fields
+            state = state.replace(controller=utility.init(
+                self.cfg.utility, b, costs, jnp.zeros((b,), jnp.int32)))
         if self._state_shardings is not None:
             return jax.device_put(state, self._state_shardings)
         return state if self._sharding is None else jax.device_put(state, self._sharding)
