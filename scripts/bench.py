@@ -388,7 +388,9 @@ def costmodel_cmd(args) -> int:
               f"[1024,1024] dot from memory, ms by rows: "
               + " ".join(f"{r}:{t * 1e3:.2f}" for r, t in sorted(cold.items()))
               + f"; overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
-              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer; cache {hw.cache_bytes >> 20} MB")
+              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer; cache {hw.cache_bytes >> 20} MB; "
+              f"attention core {hw.attn_unit_s * 1e6:.1f} us per (row, kv head, block) + "
+              f"{hw.attn_elem_s * 1e9:.1f} ns per query element")
         print(f"{'model':>5} {'B':>3} {'T':>2} {'measured ms':>11} {'predicted':>9} "
               f"{'error':>6} {'traced':>8} {'error':>6} {'uniq':>5} {'indep':>5} "
               f"{'expert%':>7}", flush=True)

@@ -3,6 +3,7 @@ routing-trace analysis, and traces recorded by the decode loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -228,3 +229,22 @@ def test_calibration_table_median_of_passes_and_monotone_in_rows():
              (8, 1): [2.0, 2.0, 2.0], (8, 2): [3.0, 3.0, 3.0]}
     tab = cm._table(times)
     assert tab == [(4, 1, 1.0), (4, 2, 1.0), (4, 4, 1.0), (8, 1, 2.0), (8, 2, 3.0)]
+
+
+def test_measured_attention_core_fit_and_use():
+    """The attention core's calibration fits measured ``cached_attention`` calls; a preset
+    with the fit prices ``attn_core`` as
+    ``layers * B*G*blocks * (unit + elem*R*T*C)``, a roofline preset by bytes and FLOPs."""
+    unit, elem = cm.measure_attention(batches=(1, 8), tokens=(1, 4), kv_heads=2, rep=2,
+                                      head_dim=16, layers=2, repeats=1, passes=1)
+    assert unit > 0 and elem >= 0
+    cfg = load_config(ModelConfig, "olmoe-1b-7b")
+    hw = dataclasses.replace(NO_OVERHEAD, attn_unit_s=unit, attn_elem_s=elem)
+    g, r, c = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.dh
+    for b, t in ((1, 1), (8, 4)):
+        got = cm.step_cost(cfg, hw, b, t, context=32).parts["attn_core"].time_s
+        assert got == pytest.approx(cfg.num_layers * b * g * 1 * (unit + elem * r * t * c))
+    assert (cm.step_cost(cfg, hw, 8, 1, context=32).parts["attn_core"].time_s
+            > 4 * cm.step_cost(cfg, hw, 1, 1, context=32).parts["attn_core"].time_s)
+    roof = cm.step_cost(cfg, NO_OVERHEAD, 8, 1, context=32).parts["attn_core"]
+    assert roof.time_s == pytest.approx(max(roof.bytes / 1e12, roof.flops / 1e15))

@@ -100,6 +100,11 @@ class Hardware:
         loop and branch overhead), the expert read from memory (its first chunk in a
         step) or already in cache (its later chunks); used instead of the dot tables for
         routed experts when present.
+      attn_unit_s, attn_elem_s: measured attention core (``models.attention.
+        cached_attention``) per layer: ``units * (attn_unit_s + attn_elem_s * R*T*C)``
+        with ``units = B * G * kv_blocks`` (one small batched dot per row, kv head and
+        KV block, each ``R*T`` queries of width ``C``); 0: roofline. On XLA:CPU these
+        small dots run one by one, so at batch 64 the core costs ~100x its bytes' time.
       hbm_bytes: memory of one chip (informational). source: where figures come from.
     """
 
@@ -114,6 +119,8 @@ class Hardware:
     expert_row_chunks: bool = False
     chunks_cold: tuple[Dot, ...] = ()
     chunks_hot: tuple[Dot, ...] = ()
+    attn_unit_s: float = 0.0
+    attn_elem_s: float = 0.0
     hbm_bytes: int = 0
     source: str = ""
 
@@ -331,6 +338,48 @@ def measure_expert_chunks(d: int = 1024, f: int = 1024, experts: int = 64,
     return _table(cold), _table(hot)
 
 
+ATTN_BATCHES = (1, 4, 16, 64)
+ATTN_TOKENS = (1, 2, 4, 8)
+
+
+def measure_attention(batches: Sequence[int] = ATTN_BATCHES,
+                      tokens: Sequence[int] = ATTN_TOKENS, kv_heads: int = 8, rep: int = 2,
+                      head_dim: int = 64, context: int = 32, layers: int = 4,
+                      repeats: int = 3, passes: int = 3) -> tuple[float, float]:
+    """``(attn_unit_s, attn_elem_s)``: the attention core's cost per layer, fitted (least
+    squares, relative error) to ``units * (unit + elem * R*T*C)`` over measured
+    ``cached_attention`` calls (``units = B * G * kv_blocks``), ``layers`` layers per
+    jitted call as a forward chains them. Passes interleaved as in :func:`measure_dots`.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from moesd_jax.models.attention import KV_BLOCK, cached_attention
+
+    g, r, c = kv_heads, rep, head_dim
+    slots = -(-(context + max(tokens)) // KV_BLOCK) * KV_BLOCK
+    fn = jax.jit(lambda q, kc, vc, st: sum(
+        jnp.sum(cached_attention(q, kc, vc, i, st)) for i in range(layers)))
+    times: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+    for _ in range(passes):
+        for b in batches:
+            kc = jnp.zeros((layers, b, slots, g, c), jnp.float32)
+            st = jnp.full((b,), context, jnp.int32)
+            for t in tokens:
+                q = jnp.ones((b, t, g, r, c), jnp.float32)
+                times[b, t].append(_median_time(
+                    lambda q=q, kc=kc, st=st: jax.block_until_ready(fn(q, kc, kc, st)),
+                    repeats) / layers)
+    xs, ys = [], []
+    for (b, t), ts in times.items():
+        units = b * g * -(-(context + t) // KV_BLOCK)
+        meas = statistics.median(ts)
+        xs.append([units / meas, units * r * t * c / meas])  # rows scaled: relative error
+        ys.append(1.0)
+    (unit, elem), *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
+    return max(float(unit), 0.0), max(float(elem), 0.0)
+
+
 def calibrate_cpu(repeats: int = 3, passes: int = 3) -> Hardware:
     """``cpu-measured``: this machine's read bandwidth, dot tables (weights from memory
     and from cache), last-level cache size, and the fixed overheads of a forward (per
@@ -344,7 +393,9 @@ def calibrate_cpu(repeats: int = 3, passes: int = 3) -> Hardware:
     peak = max(2.0 * r * nb / 4 / t for nb, r, t in cold + hot)
     step_oh, layer_oh = _measure_overheads(repeats)
     ch_cold, ch_hot = measure_expert_chunks(repeats=repeats, passes=passes)
+    attn_unit, attn_elem = measure_attention(repeats=repeats, passes=passes)
     return Hardware(name="cpu-measured", peak_flops=peak, mem_bandwidth=bw,
+                    attn_unit_s=attn_unit, attn_elem_s=attn_elem,
                     step_overhead_s=step_oh, layer_overhead_s=layer_oh, dots_cold=tuple(cold),
                     dots_hot=tuple(hot), cache_bytes=_llc_bytes(), expert_row_chunks=True,
                     chunks_cold=tuple(ch_cold), chunks_hot=tuple(ch_hot),
@@ -510,6 +561,13 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
     kv_entries = batch * (context + tokens)
     parts["attn_core"] = _roof(hw, layers * kv_entries * 2 * g * dh * kvb,
                                layers * 4 * m_rows * h * dh * (context + tokens))
+    if hw.attn_unit_s or hw.attn_elem_s:  # measured: per (row, kv head, KV block) dot
+        from moesd_jax.models.attention import KV_BLOCK
+
+        units = batch * g * -(-(context + tokens) // KV_BLOCK)
+        per_layer = units * (hw.attn_unit_s + hw.attn_elem_s * (h // g) * tokens * dh)
+        parts["attn_core"] = dataclasses.replace(parts["attn_core"],
+                                                 time_s=layers * per_layer)
     mlp = lambda f: [(d, f), (d, f), (f, d)]  # noqa: E731  SwiGLU: gate, up, down
     if n_dense:
         parts["dense_mlp"] = _dots(hw, mlp(cfg.mlp_dim), m_rows, wb, n_dense)
