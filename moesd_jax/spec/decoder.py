@@ -330,6 +330,20 @@ class SpecDecoder:
         cap = min(-(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET, self.cfg.max_len)
         return dataclasses.replace(self.cfg, max_len=cap)
 
+    def call_config(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> LoopConfig:
+        """The program :meth:`generate` runs for these rows: :meth:`loop_config`, except
+        that ``--k auto`` where no candidate K could pay at this batch's costs even with
+        every draft accepted runs the plain decoding program itself (the controller would
+        never test: same tokens, none of the auto program's per-iteration overhead)."""
+        cfg = self.loop_config(prompt_lens, max_new)
+        if cfg.utility is None:
+            return cfg
+        n = self.batch_multiple  # rows as generate_state pads them under a mesh
+        costs = jnp.asarray(self.utility_costs(-(-len(prompt_lens) // n) * n))
+        if int(spec_utility.first_viable(cfg.utility, costs)) > 0:
+            return cfg
+        return dataclasses.replace(cfg, utility=None, k=0, tree=None, method="none")
+
     @property
     def batch_multiple(self) -> int:
         """Rows of a compiled batch are a multiple of this (the mesh's ``batch`` axis)."""
@@ -481,7 +495,9 @@ class SpecDecoder:
             prepared = prepared + (ref,)
         max_new = ([max_new_tokens] * len(prompts) if np.isscalar(max_new_tokens)
                    else list(max_new_tokens))
-        cfg = self.loop_config([len(p) for p in prompts], max_new)
+        cfg = self.call_config([len(p) for p in prompts], max_new)
+        if cfg.method == "none":
+            prepared = prepared[:8]  # no oracle reference
         state = self.generate_state(*prepared, cfg=cfg)
         # only what the results need, read back once (rows held by other processes come
         # to every process); never the caches
@@ -494,8 +510,9 @@ class SpecDecoder:
         out = []
         for i, p in enumerate(prompts):
             st = row_stats(state, i, self.cfg.accept_positions)
-            if state.controller is not None:  # --k auto: the row's decisions
-                st["utility"] = spec_utility.decisions(state.controller, i)
+            if self.cfg.utility is not None:  # --k auto: the row's decisions
+                st["utility"] = ([] if state.controller is None
+                                 else spec_utility.decisions(state.controller, i))
             if cfg.budgeted:
                 bst = spec_budget.loop_stats(state.stats, i)
                 if bst is not None:

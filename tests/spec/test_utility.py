@@ -174,8 +174,10 @@ def test_auto_k_sampled_is_lossless():
 
 
 def test_decoder_k_auto(setup):
-    """``SpecConfig(auto=True)`` through SpecDecoder.generate: greedy == AR, every row's
-    decisions in its stats; costs from the cost model here (the engine test times them)."""
+    """``SpecConfig(auto=True)`` through SpecDecoder.generate: greedy == AR and every
+    row's decisions in its stats where some K could pay; where none could, generate runs
+    the plain decoding program itself (no controller, no draft forward), still == AR.
+    Costs come from the cost model (shape checked), then are pinned both ways."""
     dec0, prompts, ar = setup
     target = nnx_merge(dec0.target)
     draft = nnx_merge(dec0.draft)
@@ -183,14 +185,20 @@ def test_decoder_k_auto(setup):
                                                 auto_set_iters=4, auto_costs="model",
                                                 auto_hardware="h100"), max_len=64)
     assert dec.cfg.utility.candidates == (1, 2, 4) and dec.cfg.k == 4
-    res = dec.generate(prompts, 20)
-    assert [r.token_ids for r in res] == ar
     costs = dec.utility_costs(len(prompts))
     assert costs[0] == 1.0 and costs.shape == (5,) and (costs[1:] > 0).all()
-    viable = int(utility.first_viable(dec.cfg.utility, jnp.asarray(costs)))
-    for r in res:  # decisions exactly when some K could pay (else no test ever runs)
-        assert bool(r.stats["utility"]) == (viable > 0), (costs, r.stats["utility"])
-        assert {d["k"] for d in r.stats["utility"]} <= {0, 1, 2, 4}
+    lens, new = [len(p) for p in prompts], [20] * len(prompts)
+    for pinned, pays in (([1.0, 1.3, 1.6, 1.9, 2.2], True), ([1.0, 5.0, 6.0, 7.0, 8.0], False)):
+        dec._costs[(len(prompts), False)] = np.asarray(pinned, np.float32)
+        cfg = dec.call_config(lens, new)
+        assert (cfg.utility is not None) == pays and (cfg.method == "none") == (not pays)
+        res = dec.generate(prompts, 20)
+        assert [r.token_ids for r in res] == ar
+        for r in res:
+            assert bool(r.stats["utility"]) == pays, (pinned, r.stats["utility"])
+            assert {d["k"] for d in r.stats["utility"]} <= {0, 1, 2, 4}
+            if not pays:  # the draft model never ran
+                assert r.stats["drafted"] == 0 and r.stats["draft_fed"] == 0
 
 
 def nnx_merge(pieces):
