@@ -281,6 +281,10 @@ class SpecConfig:
         ``auto_hardware``).
       auto_hardware: cost-model preset for ``auto_costs: model`` (``cpu-measured``
         calibrates this machine).
+      auto_explore_every: ``generate`` calls remember the acceptance rates their tests
+        measured (per batch size); while no candidate K would pay at the recent mean
+        rate, calls decode plainly without testing, except every
+        ``auto_explore_every``-th, which runs the controller again (0: test every call).
       budget: the target's verification-time expert budget (:class:`BudgetConfig`);
         prefill and plain decoding steps are never budgeted.
     """
@@ -296,6 +300,7 @@ class SpecConfig:
     auto_hardware: str = "cpu-measured"
     auto_test_iters: int = 2
     auto_set_iters: int = 24
+    auto_explore_every: int = 16
     budget: BudgetConfig = BudgetConfig()
 
     @property
@@ -331,6 +336,9 @@ class SpecConfig:
             if self.auto_costs not in ("measured", "model"):
                 raise ConfigError(f"{prefix}.auto_costs={self.auto_costs!r} must be measured "
                                   "or model")
+            if self.auto_explore_every < 0:
+                raise ConfigError(f"{prefix}.auto_explore_every={self.auto_explore_every} "
+                                  "must be >= 0")
             if self.auto_test_iters < 1 or self.auto_set_iters < 1:
                 raise ConfigError(f"{prefix}.auto_test_iters={self.auto_test_iters} and "
                                   f"auto_set_iters={self.auto_set_iters} must be >= 1")

@@ -20,6 +20,7 @@ Two batch rules every caller (``generate``, the server engine, batch jobs) share
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ from moesd_jax.spec.tree import load_tree
 from moesd_jax.spec.utility import UtilityConfig
 
 CAPACITY_BUCKET = 128  # cache capacities are multiples of this (compiled-program reuse)
+AUTO_MEMORY = 64  # --k auto: tested rows' acceptance rates remembered per batch size
 
 
 @dataclasses.dataclass
@@ -217,6 +219,10 @@ class SpecDecoder:
                               oracle_acceptance=spec.oracle_acceptance if spec.method == "oracle"
                               else 0.0, plan=self.plan, utility=ucfg, **budget_fields(tc))
         self._costs: dict[int, np.ndarray] = {}
+        # --k auto across generate calls, per batch size: recent tests' acceptance rates,
+        # and the plain calls since the controller last ran
+        self._auto_rates: dict[int, collections.deque] = {}
+        self._auto_plain: dict[int, int] = {}
         self.prompt_bucket = prompt_bucket
         self.eos_token_ids = tuple(tc.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.trace_count = 0
@@ -336,13 +342,38 @@ class SpecDecoder:
         every draft accepted runs the plain decoding program itself (the controller would
         never test: same tokens, none of the auto program's per-iteration overhead)."""
         cfg = self.loop_config(prompt_lens, max_new)
-        if cfg.utility is None:
-            return cfg
-        n = self.batch_multiple  # rows as generate_state pads them under a mesh
-        costs = jnp.asarray(self.utility_costs(-(-len(prompt_lens) // n) * n))
-        if int(spec_utility.first_viable(cfg.utility, costs)) > 0:
+        if cfg.utility is None or self._auto_choice(len(prompt_lens)) == "auto":
             return cfg
         return dataclasses.replace(cfg, utility=None, k=0, tree=None, method="none")
+
+    def _auto_rows(self, prompts: int) -> int:
+        n = self.batch_multiple  # rows as generate_state pads them under a mesh
+        return -(-prompts // n) * n
+
+    def auto_rate(self, prompts: int) -> float | None:
+        """The mean per-draft acceptance rate recent ``--k auto`` tests measured at this
+        batch size (None before any)."""
+        mem = self._auto_rates.get(self._auto_rows(prompts))
+        return float(np.mean(mem)) if mem else None
+
+    def _auto_choice(self, prompts: int) -> str:
+        """``never``: no candidate K could pay at this batch's costs even with every draft
+        accepted; ``recent``: none would at the recent tests' mean acceptance rate and
+        the next exploring call is not due; else ``auto`` (run the controller)."""
+        from moesd_jax.analysis.cost_model import expected_tokens
+
+        rows = self._auto_rows(prompts)
+        costs = np.asarray(self.utility_costs(rows))
+        u = self.cfg.utility
+        if int(spec_utility.first_viable(u, jnp.asarray(costs))) == 0:
+            return "never"
+        rate = self.auto_rate(prompts)
+        every = self.spec.auto_explore_every
+        if (rate is not None and every > 0
+                and self._auto_plain.get(rows, 0) < every - 1
+                and not any(expected_tokens(rate, k) > costs[k] for k in u.candidates)):
+            return "recent"
+        return "auto"
 
     @property
     def batch_multiple(self) -> int:
@@ -498,6 +529,10 @@ class SpecDecoder:
         cfg = self.call_config([len(p) for p in prompts], max_new)
         if cfg.method == "none":
             prepared = prepared[:8]  # no oracle reference
+        if self.cfg.utility is not None:  # plain calls since the controller last ran
+            rows = self._auto_rows(len(prompts))
+            self._auto_plain[rows] = (0 if cfg.utility is not None
+                                      else self._auto_plain.get(rows, 0) + 1)
         state = self.generate_state(*prepared, cfg=cfg)
         # only what the results need, read back once (rows held by other processes come
         # to every process); never the caches
@@ -507,6 +542,10 @@ class SpecDecoder:
         state = jax.device_get(state)
         tokens = np.asarray(state.tokens_BM)
         seq_len = np.asarray(state.seq_len_B)
+        if state.controller is not None:  # remember this call's tested rates
+            rates = np.asarray(state.controller.rate_B)[:len(prompts)]
+            self._auto_rates.setdefault(self._auto_rows(len(prompts)), collections.deque(
+                maxlen=AUTO_MEMORY)).extend(float(r) for r in rates if r >= 0)
         out = []
         for i, p in enumerate(prompts):
             st = row_stats(state, i, self.cfg.accept_positions)

@@ -31,6 +31,13 @@ tested chose K = 0, the next set phase is twice as long (up to ``max_backoff`` x
 cost little); any other decision resets it. A row that has not been tested yet (it
 joined mid-phase) drafts K_t.
 
+**Across calls** (``SpecDecoder.generate``, per batch size): where no candidate could
+pay even with every draft accepted the call runs the plain decoding program itself; the
+tests' per-draft acceptance rates (``Controller.rate_B``) are remembered, and while no
+candidate would pay at their recent mean, calls decode plainly without testing, except
+every ``SpecConfig.auto_explore_every``-th, which runs the controller and refreshes the
+memory (a request's own test costs what a short request gains at best).
+
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
 decoding); rows with a smaller K are masked within it (``DecodeState.draft_k_B``: masked
@@ -103,7 +110,8 @@ class Controller:
     ``iter`` counts the batch's iterations; ``phase_iter`` the iterations since the
     current test began, ``set_len`` the current set phase's length and ``test_k`` the K
     the next (or current) test drafts (batch-wide); ``sync_B`` is each row's
-    ``seq_len`` when its draft state was last brought up to date.
+    ``seq_len`` when its draft state was last brought up to date; ``rate_B`` the
+    per-draft acceptance rate its last test measured (-1: not tested).
     """
 
     cost_K: jax.Array
@@ -114,6 +122,7 @@ class Controller:
     n_log_B: jax.Array
     iter: jax.Array
     sync_B: jax.Array
+    rate_B: jax.Array
     phase_iter: jax.Array
     set_len: jax.Array
     test_k: jax.Array
@@ -142,7 +151,7 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
                       jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
                       jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(seq_len_B, jnp.int32),
+                      jnp.asarray(seq_len_B, jnp.int32), jnp.full((batch,), -1.0, jnp.float32),
                       jnp.where(never, ucfg.test_iters, 0).astype(jnp.int32),
                       jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), k0)
 
@@ -154,6 +163,17 @@ def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
 def draft_limits(ucfg: UtilityConfig, c: Controller) -> jax.Array:
     """int32 [B]: each row's K this iteration (the test's K_t while testing or untested)."""
     return jnp.where(in_test(ucfg, c) | (c.chosen_B < 0), c.test_k, c.chosen_B)
+
+
+def test_rate(hist_BA, test_k) -> jax.Array:
+    """float32 [B]: a test's per-draft acceptance rate ``S / (S + F + 1)`` (S accepted
+    drafts, F iterations that rejected one of their ``test_k``; the +1 keeps a short
+    perfect test from promising certainty)."""
+    a = jnp.arange(hist_BA.shape[1])
+    h = hist_BA.astype(jnp.float32)
+    succ = h @ a.astype(jnp.float32)
+    fail = jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)
+    return succ / (succ + fail + 1.0)
 
 
 def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
@@ -174,9 +194,7 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
     n = jnp.sum(h, axis=1, keepdims=True)
     capped = jnp.minimum(a[:, None], a[None, :])  # [K, a]: min(a, K)
     tokens = 1.0 + (h @ capped.T.astype(jnp.float32)) / jnp.maximum(n, 1)
-    succ = h @ a.astype(jnp.float32)  # [B]
-    fail = jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)
-    p = succ / (succ + fail + 1.0)
+    p = test_rate(hist_BA, test_k)
     full = jnp.take(h, test_k, axis=1) / jnp.maximum(n[:, 0], 1)  # accepted all K_t
     geo = jnp.cumsum(p[:, None] ** jnp.arange(1, ka, dtype=jnp.float32)[None, :], axis=1)
     beyond = jnp.take(geo, jnp.clip(a - test_k - 1, 0, ka - 2), axis=1)  # [B, K]
@@ -223,6 +241,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     test_k = jnp.where(any_decided, jnp.maximum(cap, first_viable(ucfg, c.cost_K)), c.test_k)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
                      util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
+                     rate_B=jnp.where(decide, test_rate(hist, c.test_k), c.rate_B),
                      n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1,
                      phase_iter=phase.astype(jnp.int32), set_len=set_len.astype(jnp.int32),
                      test_k=test_k.astype(jnp.int32))

@@ -201,6 +201,39 @@ def test_decoder_k_auto(setup):
                 assert r.stats["drafted"] == 0 and r.stats["draft_fed"] == 0
 
 
+def test_decoder_k_auto_remembers_rates_across_calls(setup):
+    """Across generate calls (one batch size): the tests' acceptance rates are
+    remembered; while no K would pay at their mean, calls decode plainly without testing,
+    except every ``auto_explore_every``-th, which runs the controller (and refreshes the
+    memory). Every call == AR."""
+    from moesd_jax.analysis.cost_model import expected_tokens
+
+    dec0, prompts, ar = setup
+    dec = SpecDecoder(nnx_merge(dec0.target), nnx_merge(dec0.draft),
+                      SpecConfig(method="draft", k=4, auto=True, auto_set_iters=4,
+                                 auto_explore_every=3), max_len=64)
+    n = len(prompts)
+    dec._costs[(n, False)] = np.asarray([1.0, 1.3, 1.6, 1.9, 2.2], np.float32)
+    assert dec.auto_rate(n) is None
+    first = dec.generate(prompts, 20)
+    assert all(r.stats["utility"] for r in first)
+    rate = dec.auto_rate(n)
+    assert rate is not None and 0.0 <= rate < 1.0
+    # costs at which every K could pay only above the measured rate
+    costs = [1.0] + [expected_tokens(min(rate + 0.02, 1.0), k) + 0.01 for k in (1, 2, 3, 4)]
+    assert all(1 + k > costs[k] for k in (1, 2, 4))  # viable with every draft accepted
+    dec._costs[(n, False)] = np.asarray(costs, np.float32)
+    ran = []
+    for _ in range(6):
+        res = dec.generate(prompts, 20)
+        assert [r.token_ids for r in res] == ar
+        ran.append(any(r.stats["utility"] for r in res))
+    assert ran == [False, False, True, False, False, True]
+    # auto_explore_every = 0: no memory, the controller runs every call
+    dec.spec = dataclasses.replace(dec.spec, auto_explore_every=0)
+    assert dec.call_config([len(p) for p in prompts], [20] * n).utility is not None
+
+
 def nnx_merge(pieces):
     from flax import nnx
 
