@@ -326,25 +326,30 @@ class SpecDecoder:
                 np.asarray(tps, np.float32), np.asarray(seeds, np.int32),
                 np.tile(np.asarray(stop_row, np.int32), (b, 1)))
 
-    def loop_config(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> LoopConfig:
-        """The compiled program's config for one call: its cache capacity from the work
-        (see ``max_len`` in the class doc) unless a fixed ``max_len`` was given."""
+    def loop_config(self, prompt_lens: Sequence[int], max_new: Sequence[int],
+                    cfg: LoopConfig | None = None) -> LoopConfig:
+        """The compiled program's config for one call (``cfg``, default the decoder's):
+        its cache capacity from the work (see ``max_len`` in the class doc) unless a fixed
+        ``max_len`` was given."""
+        cfg = cfg or self.cfg
         if self.fixed_max_len:
-            return self.cfg
-        need = max(n + int(m) for n, m in zip(prompt_lens, max_new)) + self.cfg.k_eff + 1
+            return cfg
+        need = max(n + int(m) for n, m in zip(prompt_lens, max_new)) + cfg.k_eff + 1
         need = max(need, -(-max(prompt_lens) // self.prompt_bucket) * self.prompt_bucket)
         cap = min(-(-need // CAPACITY_BUCKET) * CAPACITY_BUCKET, self.cfg.max_len)
-        return dataclasses.replace(self.cfg, max_len=cap)
+        return dataclasses.replace(cfg, max_len=cap)
 
     def call_config(self, prompt_lens: Sequence[int], max_new: Sequence[int]) -> LoopConfig:
         """The program :meth:`generate` runs for these rows: :meth:`loop_config`, except
         that ``--k auto`` where no candidate K could pay at this batch's costs even with
         every draft accepted runs the plain decoding program itself (the controller would
-        never test: same tokens, none of the auto program's per-iteration overhead)."""
-        cfg = self.loop_config(prompt_lens, max_new)
-        if cfg.utility is None or self._auto_choice(len(prompt_lens)) == "auto":
-            return cfg
-        return dataclasses.replace(cfg, utility=None, k=0, tree=None, method="none")
+        never test: same tokens, none of the auto program's per-iteration overhead), and
+        so do calls while the tests' recent acceptance rates say no K would pay
+        (``SpecConfig.auto_explore_every``); its cache is sized for plain decoding."""
+        if self.cfg.utility is None or self._auto_choice(len(prompt_lens)) == "auto":
+            return self.loop_config(prompt_lens, max_new)
+        plain = dataclasses.replace(self.cfg, utility=None, k=0, tree=None, method="none")
+        return self.loop_config(prompt_lens, max_new, plain)
 
     def _auto_rows(self, prompts: int) -> int:
         n = self.batch_multiple  # rows as generate_state pads them under a mesh

@@ -284,3 +284,17 @@ def test_draft_catch_up_equals_a_fresh_prefill(window):
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(got.v[:, r, ok]), np.asarray(want.v[:, r, ok]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_plain_calls_size_the_cache_for_plain_decoding():
+    """A --k auto call that runs the plain program sizes its cache as plain decoding does
+    (no room for K drafts): here 128 slots where the auto program needs 256."""
+    cfg = moe_cfg(max_len=512)
+    dec = SpecDecoder(build(cfg), build(cfg, seed=1), SpecConfig(method="draft", k=4, auto=True))
+    lens, n = [8, 5], 2
+    room = 128 - max(lens) - 1  # max_new that fills a 128-slot cache exactly
+    plain = SpecDecoder(build(cfg), spec=SpecConfig(method="none"))
+    assert plain.loop_config(lens, [room] * n).max_len == 128
+    assert dec.loop_config(lens, [room] * n).max_len == 256  # the auto program's
+    dec._costs[(n, False)] = np.asarray([1.0, 5.0, 6.0, 7.0, 8.0], np.float32)
+    assert dec.call_config(lens, [room] * n).max_len == 128
