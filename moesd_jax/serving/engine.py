@@ -166,6 +166,16 @@ class Engine:
         self._rows = -(-slots // n) * n
         self._state_shardings = None if self.plan is None else self._plan_shardings()
         self._num_moe_layers = int(self.cfg.num_experts and loop._num_moe_layers(*self._target))
+        if self.cfg.utility is not None:  # --k auto: iteration costs at this batch size
+            costs = self.decoder.utility_costs(self._rows, per_call=True)
+            log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
+                     np.round(np.asarray(costs), 3).tolist())
+            if int(utility.first_viable(self.cfg.utility, jnp.asarray(costs))) == 0:
+                # no candidate K could pay even with every draft accepted: the controller
+                # would never test, so compile the plain decoding step itself
+                log.info("utility-driven K: no K can pay at these costs; decoding plainly")
+                self.cfg = dataclasses.replace(self.cfg, utility=None, k=0, tree=None,
+                                               method="none")
 
         cfg = self.cfg
         out = self._state_shardings  # None: follow the inputs (one device)
@@ -248,8 +258,6 @@ class Engine:
                               stop_ids_BP=jnp.full((b, self.cfg.max_stop), -1, jnp.int32))
         if self.cfg.utility is not None:  # --k auto: iteration costs at this batch size
             costs = jnp.asarray(self.decoder.utility_costs(b, per_call=True))
-            log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
-                     np.round(np.asarray(costs), 3).tolist())
             # the whole controller from its costs: the batch-wide clock (test / set phase
             # lengths, the first test's K, never testing when no K can pay) is set here,
             # once; admitted rows bring only their row fields
@@ -604,7 +612,7 @@ class Engine:
             "accepted_tokens": ac,
             "accepted_per_position": [int(x) for x in ap[:npos]] if k else [],
             "mean_acceptance_length": (1.0 + ac / it) if it else 1.0,
-        } | ({"utility": getattr(h, "utility", [])} if self.cfg.utility is not None else {})
+        } | ({"utility": getattr(h, "utility", [])} if self.spec.auto else {})
 
     def _finish(self, h: RequestHandle, reason: str, error: str | None = None) -> None:
         if h.finished:

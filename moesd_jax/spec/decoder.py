@@ -370,7 +370,7 @@ class SpecDecoder:
         rows = self._auto_rows(prompts)
         costs = np.asarray(self.utility_costs(rows))
         u = self.cfg.utility
-        if int(spec_utility.first_viable(u, jnp.asarray(costs))) == 0:
+        if not any(1 + k > costs[k] for k in u.candidates):  # first_viable, on the host
             return "never"
         rate = self.auto_rate(prompts)
         every = self.spec.auto_explore_every

@@ -131,21 +131,25 @@ def test_slots_not_divisible_by_the_mesh_are_padded(models):
 
 @pytest.mark.parametrize("costs,tests", [((1.0, 1.3, 1.6), True), ((1.0, 2.2, 3.3), False)],
                          ids=["pays", "loses"])
-def test_engine_k_auto_matches_reference(models, prompts, reference, costs, tests):
+def test_engine_k_auto_matches_reference(models, prompts, reference, costs, tests,
+                                         monkeypatch):
     """--k auto in the engine: the controller runs inside the compiled step (per-slot K,
     plain decoding where drafting loses), outputs equal the reference, and each request's
     decisions come back in its stats: decisions when some K can pay at the batch's
-    costs, none at all (the batch never tests) when none can. Costs are pinned here (as
-    if timed) so both cases run whatever this machine's timing."""
+    costs; where none can, the engine compiles the plain decoding step (no controller,
+    empty decision traces). Costs are pinned (as if timed at construction) so both cases
+    run whatever this machine's timing."""
     target, draft = models
     spec = SpecConfig(method="draft", k=2, auto=True, auto_candidates=(1, 2),
                       auto_set_iters=3)
+    monkeypatch.setattr(SpecDecoder, "utility_costs",
+                        lambda self, b, per_call=False: np.asarray(costs, np.float32))
     eng = Engine(target, draft, spec, slots=2, max_len=128, prefill_buckets=BUCKETS[:1])
-    timed = eng.decoder.utility_costs(2, per_call=True)  # timed at construction
-    assert timed.shape == (3,) and timed[0] == 1.0
-    eng.decoder._costs[(2, True)] = np.asarray(costs, np.float32)
-    eng.state = eng._empty_state()
-    np.testing.assert_allclose(np.asarray(eng.state.controller.cost_K), costs)
+    assert (eng.cfg.utility is not None) == tests and (eng.cfg.method == "none") != tests
+    if tests:
+        c = eng.state.controller  # the batch clock starts from the costs, not zeros
+        np.testing.assert_allclose(np.asarray(c.cost_K), costs)
+        assert int(c.set_len) == spec.auto_set_iters and int(c.test_k) == 1
     eng.start(precompile=False)
     try:
         hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
