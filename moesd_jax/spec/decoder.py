@@ -42,7 +42,7 @@ from moesd_jax.spec.tree import load_tree
 from moesd_jax.spec.utility import UtilityConfig
 
 CAPACITY_BUCKET = 128  # cache capacities are multiples of this (compiled-program reuse)
-AUTO_MEMORY = 64  # --k auto: tested rows' acceptance rates remembered per batch size
+AUTO_MEMORY = 64  # --k auto: tested rows' (accepted, rejecting) counts kept per batch size
 
 
 @dataclasses.dataclass
@@ -356,10 +356,14 @@ class SpecDecoder:
         return -(-prompts // n) * n
 
     def auto_rate(self, prompts: int) -> float | None:
-        """The mean per-draft acceptance rate recent ``--k auto`` tests measured at this
-        batch size (None before any)."""
+        """The per-draft acceptance rate recent ``--k auto`` tests measured at this batch
+        size, pooled (accepted drafts / (accepted + rejecting iterations) over the last
+        ``AUTO_MEMORY`` tested rows); None before any."""
         mem = self._auto_rates.get(self._auto_rows(prompts))
-        return float(np.mean(mem)) if mem else None
+        if not mem:
+            return None
+        s, f = np.sum(np.asarray(mem), axis=0)
+        return float(s / (s + f)) if s + f > 0 else None
 
     def _auto_choice(self, prompts: int) -> str:
         """``never``: no candidate K could pay at this batch's costs even with every draft
@@ -480,11 +484,14 @@ class SpecDecoder:
 
     def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
         """Trailing ``prefill`` arguments past the per-row arrays: with ``cfg.utility``,
-        (oracle reference or None, no fixed per-row limits, the iteration costs)."""
+        (oracle reference or None, no fixed per-row limits, the iteration costs, the
+        recent calls' acceptance rate as the controller's prior or -1)."""
         if cfg.utility is None:
             return ()
         ref = () if len(prepared) > 8 else (None,)
-        return ref + (None, jnp.asarray(self.utility_costs(rows)))
+        rate = self.auto_rate(rows)
+        return ref + (None, jnp.asarray(self.utility_costs(rows)),
+                      jnp.float32(-1.0 if rate is None else rate))
 
     def generate_state(self, *prepared, cfg: LoopConfig | None = None) -> DecodeState:
         """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call).
@@ -547,10 +554,10 @@ class SpecDecoder:
         state = jax.device_get(state)
         tokens = np.asarray(state.tokens_BM)
         seq_len = np.asarray(state.seq_len_B)
-        if state.controller is not None:  # remember this call's tested rates
-            rates = np.asarray(state.controller.rate_B)[:len(prompts)]
+        if state.controller is not None:  # remember this call's tests' counts
+            sf = np.asarray(state.controller.sf_B2)[:len(prompts)]
             self._auto_rates.setdefault(self._auto_rows(len(prompts)), collections.deque(
-                maxlen=AUTO_MEMORY)).extend(float(r) for r in rates if r >= 0)
+                maxlen=AUTO_MEMORY)).extend(tuple(x) for x in sf if x.sum() > 0)
         out = []
         for i, p in enumerate(prompts):
             st = row_stats(state, i, self.cfg.accept_positions)

@@ -180,7 +180,8 @@ def _num_moe_layers(graphdef, state) -> int:
 
 def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
             temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
-            ref_tokens_BM=None, draft_k_B=None, utility_cost_K=None) -> DecodeState:
+            ref_tokens_BM=None, draft_k_B=None, utility_cost_K=None,
+            utility_prior=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
 
     Args:
@@ -196,6 +197,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
         then the target's greedy continuation), M <= max_len.
       draft_k_B: optional int32 [B] per-row draft limit (``DecodeState.draft_k_B``).
       utility_cost_K: float32 [K_max + 1] iteration costs for ``cfg.utility``
+      utility_prior: float32 [] per-draft acceptance rate expected before testing (the
+        decoder's recent calls'; < 0 or None: none), ``spec.utility.init``'s ``prior``
         (``SpecDecoder.utility_costs``: timed or ``cost_model.model_iteration_costs``).
     """
     b, p = prompts_BT.shape
@@ -243,7 +246,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
                        jnp.full((b,), cfg.k, jnp.int32) if draft_k_B is None and cfg.utility
                        else None if draft_k_B is None else draft_k_B.astype(jnp.int32),
                        None if cfg.utility is None else
-                       spec_utility.init(cfg.utility, b, utility_cost_K, seq_len))
+                       spec_utility.init(cfg.utility, b, utility_cost_K, seq_len,
+                                         utility_prior))
 
 
 def _is_stop(tok, stop_ids_BP):

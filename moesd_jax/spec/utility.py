@@ -33,10 +33,13 @@ joined mid-phase) drafts K_t.
 
 **Across calls** (``SpecDecoder.generate``, per batch size): where no candidate could
 pay even with every draft accepted the call runs the plain decoding program itself; the
-tests' per-draft acceptance rates (``Controller.rate_B``) are remembered, and while no
-candidate would pay at their recent mean, calls decode plainly without testing, except
-every ``SpecConfig.auto_explore_every``-th, which runs the controller and refreshes the
-memory (a request's own test costs what a short request gains at best).
+tests' counts (``Controller.sf_B2``) are remembered and pooled into a per-draft
+acceptance rate. While no candidate would pay at that rate, calls decode plainly without
+testing, except every ``SpecConfig.auto_explore_every``-th, which runs the controller and
+refreshes the memory (a request's own test costs what a short request gains at best).
+Where one would, the rate is the controller's *prior*: tests draft the candidate it
+favours, and each test's expected tokens are shrunk toward it (``PRIOR_ITERS``), so that
+a noisy two-iteration test does not switch a paying request off on its own.
 
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
@@ -110,8 +113,12 @@ class Controller:
     ``iter`` counts the batch's iterations; ``phase_iter`` the iterations since the
     current test began, ``set_len`` the current set phase's length and ``test_k`` the K
     the next (or current) test drafts (batch-wide); ``sync_B`` is each row's
-    ``seq_len`` when its draft state was last brought up to date; ``rate_B`` the
-    per-draft acceptance rate its last test measured (-1: not tested).
+    ``seq_len`` when its draft state was last brought up to date; ``sf_B2`` the
+    accepted drafts and the rejecting iterations its tests counted so far (the per-draft
+    acceptance rate is S / (S + F)). ``prior`` is a per-draft acceptance rate expected
+    before testing (the recent calls' rate, -1: none): each test's expected tokens are
+    shrunk toward it by ``PRIOR_ITERS`` pseudo-iterations, and tests draft ``base_k`` (the
+    candidate the prior favours, else the smallest viable one) when the batch chose 0.
     """
 
     cost_K: jax.Array
@@ -122,13 +129,24 @@ class Controller:
     n_log_B: jax.Array
     iter: jax.Array
     sync_B: jax.Array
-    rate_B: jax.Array
+    sf_B2: jax.Array
     phase_iter: jax.Array
     set_len: jax.Array
     test_k: jax.Array
+    prior: jax.Array
+    base_k: jax.Array
 
 
 NEVER = 2**30  # a set phase that never ends: no candidate can pay, so never test
+PRIOR_ITERS = 2.0  # weight of the prior in a test's expected tokens, in test iterations
+
+
+def prior_tokens(prior, ka: int) -> jax.Array:
+    """float32 [ka]: expected tokens per iteration at K = 0..ka-1 drafts when each draft
+    is accepted with probability ``prior`` (given the previous ones): ``1 + p + .. + p^K``."""
+    p = jnp.clip(jnp.asarray(prior, jnp.float32), 0.0, 1.0)
+    return 1.0 + jnp.concatenate([jnp.zeros((1,)), jnp.cumsum(
+        p ** jnp.arange(1, ka, dtype=jnp.float32))])
 
 
 def first_viable(ucfg: UtilityConfig, cost_K) -> jax.Array:
@@ -140,20 +158,26 @@ def first_viable(ucfg: UtilityConfig, cost_K) -> jax.Array:
     return jnp.min(jnp.where(viable, ks, NEVER)).astype(jnp.int32) % NEVER
 
 
-def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B) -> Controller:
+def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Controller:
     ka = ucfg.k_max + 1
     cost = jnp.asarray(cost_K, jnp.float32)
     if cost.shape != (ka,):
         raise ValueError(f"cost_K has shape {cost.shape}; need ({ka},) for K = 0..{ka - 1}")
+    prior = jnp.asarray(-1.0 if prior is None else prior, jnp.float32)
     k0 = first_viable(ucfg, cost)
     never = k0 == 0  # skip the test phase for good; every row at K = 0
+    ks = jnp.asarray(ucfg.candidates, jnp.int32)
+    u_prior = jnp.take(prior_tokens(prior, ka), ks) / jnp.take(cost, ks)
+    base = jnp.where((prior >= 0) & (jnp.max(u_prior) > 1.0), jnp.take(ks, jnp.argmax(u_prior)),
+                     k0).astype(jnp.int32)
     return Controller(cost, jnp.zeros((batch, ka), jnp.int32),
                       jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
                       jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
-                      jnp.asarray(seq_len_B, jnp.int32), jnp.full((batch,), -1.0, jnp.float32),
+                      jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((batch, 2), jnp.float32),
                       jnp.where(never, ucfg.test_iters, 0).astype(jnp.int32),
-                      jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), k0)
+                      jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), base, prior,
+                      base)
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
@@ -165,18 +189,16 @@ def draft_limits(ucfg: UtilityConfig, c: Controller) -> jax.Array:
     return jnp.where(in_test(ucfg, c) | (c.chosen_B < 0), c.test_k, c.chosen_B)
 
 
-def test_rate(hist_BA, test_k) -> jax.Array:
-    """float32 [B]: a test's per-draft acceptance rate ``S / (S + F + 1)`` (S accepted
-    drafts, F iterations that rejected one of their ``test_k``; the +1 keeps a short
-    perfect test from promising certainty)."""
+def test_counts(hist_BA, test_k) -> jax.Array:
+    """float32 [B, 2]: a test's accepted drafts S and the iterations F that rejected one
+    of their ``test_k`` drafts."""
     a = jnp.arange(hist_BA.shape[1])
     h = hist_BA.astype(jnp.float32)
-    succ = h @ a.astype(jnp.float32)
-    fail = jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)
-    return succ / (succ + fail + 1.0)
+    return jnp.stack([h @ a.astype(jnp.float32),
+                      jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)], axis=1)
 
 
-def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
+def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None) -> jax.Array:
     """float32 [B, K_max + 1]: utility(K) for K = 0..K_max from a test's histogram of
     accepted drafts at ``test_k`` drafts (default K_max) per iteration (rows with no test
     iterations: utility(0) = 1, others 0).
@@ -185,7 +207,9 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
     the share of iterations that accepted all ``test_k`` drafts continues with
     ``p + p^2 + ...``, ``p = S / (S + F + 1)`` the per-draft acceptance rate of the test
     (S accepted drafts, F iterations that rejected one; the +1 keeps a short perfect test
-    from promising certainty).
+    from promising certainty). With a ``prior`` rate (>= 0) the expected tokens are then
+    ``(n * measured + PRIOR_ITERS * prior_tokens) / (n + PRIOR_ITERS)`` over the test's n
+    iterations: a two-iteration test moves a good prior but does not overturn it alone.
     """
     ka = ucfg.k_max + 1
     test_k = ucfg.k_max if test_k is None else test_k
@@ -194,11 +218,16 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None) -> jax.Array:
     n = jnp.sum(h, axis=1, keepdims=True)
     capped = jnp.minimum(a[:, None], a[None, :])  # [K, a]: min(a, K)
     tokens = 1.0 + (h @ capped.T.astype(jnp.float32)) / jnp.maximum(n, 1)
-    p = test_rate(hist_BA, test_k)
+    sf = test_counts(hist_BA, test_k)
+    p = sf[:, 0] / (sf[:, 0] + sf[:, 1] + 1.0)
     full = jnp.take(h, test_k, axis=1) / jnp.maximum(n[:, 0], 1)  # accepted all K_t
     geo = jnp.cumsum(p[:, None] ** jnp.arange(1, ka, dtype=jnp.float32)[None, :], axis=1)
     beyond = jnp.take(geo, jnp.clip(a - test_k - 1, 0, ka - 2), axis=1)  # [B, K]
     tokens = tokens + jnp.where(a[None, :] > test_k, full[:, None] * beyond, 0.0)
+    if prior is not None:
+        pt = prior_tokens(prior, ka)[None, :]
+        tokens = jnp.where(prior >= 0, (n * tokens + PRIOR_ITERS * pt) / (n + PRIOR_ITERS),
+                           tokens)
     util = tokens / cost_K[None, :]
     return jnp.where(n > 0, util, jnp.where(a[None, :] == 0, 1.0, 0.0))
 
@@ -211,7 +240,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
     hist = c.hist_BA + add.astype(jnp.int32)
     last = testing & (c.phase_iter == ucfg.test_iters - 1)
-    util = utilities(ucfg, hist, c.cost_K, c.test_k)
+    util = utilities(ucfg, hist, c.cost_K, c.test_k, c.prior)
     allowed = np.zeros(ka, bool)
     allowed[list(ucfg.branch_ks)] = True
     ok = jnp.asarray(allowed)[None, :]
@@ -236,12 +265,13 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
         2 * c.set_len, ucfg.max_backoff * ucfg.set_iters), ucfg.set_iters), c.set_len)
     phase = jnp.minimum(c.phase_iter + 1, NEVER)
     phase = jnp.where(phase >= ucfg.test_iters + set_len, 0, phase)
-    # the next test drafts what the batch chose (the smallest viable candidate if 0)
+    # the next test drafts what the batch chose (base_k if 0: the prior's favourite or
+    # the smallest viable candidate)
     any_decided = jnp.any(decide)
-    test_k = jnp.where(any_decided, jnp.maximum(cap, first_viable(ucfg, c.cost_K)), c.test_k)
+    test_k = jnp.where(any_decided, jnp.maximum(cap, c.base_k), c.test_k)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,
                      util_BK=jnp.where(decide[:, None], util, c.util_BK), log_BS3=log,
-                     rate_B=jnp.where(decide, test_rate(hist, c.test_k), c.rate_B),
+                     sf_B2=c.sf_B2 + jnp.where(decide[:, None], test_counts(hist, c.test_k), 0.0),
                      n_log_B=c.n_log_B + decide.astype(jnp.int32), iter=c.iter + 1,
                      phase_iter=phase.astype(jnp.int32), set_len=set_len.astype(jnp.int32),
                      test_k=test_k.astype(jnp.int32))

@@ -298,3 +298,26 @@ def test_plain_calls_size_the_cache_for_plain_decoding():
     assert dec.loop_config(lens, [room] * n).max_len == 256  # the auto program's
     dec._costs[(n, False)] = np.asarray([1.0, 5.0, 6.0, 7.0, 8.0], np.float32)
     assert dec.call_config(lens, [room] * n).max_len == 128
+
+
+def test_prior_sets_the_test_k_and_shrinks_short_tests():
+    """A prior acceptance rate (the decoder's recent calls'): tests draft the candidate it
+    favours instead of the smallest viable one, and a test's expected tokens are
+    ``(n * measured + PRIOR_ITERS * prior_tokens) / (n + PRIOR_ITERS)``."""
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    cost = jnp.asarray([1.0, 1.9, 2.6, 2.9, 3.1], jnp.float32)
+    np.testing.assert_allclose(utility.prior_tokens(0.8, 5), [1, 1.8, 2.44, 2.952, 3.3616],
+                               rtol=1e-5)
+    seq = jnp.zeros((2,), jnp.int32)
+    assert int(utility.init(u, 2, cost, seq).test_k) == 1  # no prior: smallest viable
+    c = utility.init(u, 2, cost, seq, prior=0.8)  # 3.36 / 3.1 > 1: K = 4 favoured
+    assert int(c.test_k) == 4 and int(c.base_k) == 4
+    assert int(utility.init(u, 2, cost, seq, prior=0.3).base_k) == 1  # none pays: viable
+    hist = jnp.asarray([[0, 0, 0, 0, 2], [1, 1, 0, 0, 0]], jnp.int32)  # 2 iterations at K=4
+    plain = utility.utilities(u, hist, cost, 4)
+    shrunk = utility.utilities(u, hist, cost, 4, jnp.float32(0.8))
+    measured = plain * cost[None, :]
+    want = (2 * measured + 2 * utility.prior_tokens(0.8, 5)[None, :]) / 4 / cost[None, :]
+    np.testing.assert_allclose(shrunk, want, rtol=1e-5)
+    np.testing.assert_allclose(utility.utilities(u, hist, cost, 4, jnp.float32(-1.0)), plain)
+    np.testing.assert_allclose(utility.test_counts(hist, 4), [[8, 0], [1, 2]])
