@@ -177,7 +177,7 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Cont
                       jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((batch, 2), jnp.float32),
                       jnp.where(never, ucfg.test_iters, 0).astype(jnp.int32),
                       jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), base, prior,
-                      base)
+                      jnp.copy(base))  # two buffers: a state that is donated holds both
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
