@@ -17,11 +17,12 @@ Utility < 1 means speculation slows the request down.
 **Phases** (one schedule for the whole batch, counted in loop iterations, so that the
 batch's rows test together and the AR program runs when every row has chosen K = 0): a
 *test* phase of ``test_iters`` iterations drafts K_t for every row and records each
-row's accepted counts (K_t: the K the batch chose at its last decision, or the smallest
-*viable* candidate when that was 0 or at the start: a test costs what the batch already
-pays, or the least a useful test can, instead of K_max's iteration every time; a
-candidate is viable when it could pay at all, (1 + K) / cost(K) > 1 with every draft
-accepted, and when none is, the batch never tests and decodes plainly); at its end each row
+row's accepted counts (K_t: the K the batch chose at its last decision, or when that
+was 0 or at the start the candidate the prior favours (below), else the largest *viable*
+candidate: K_t drafts measure acceptance up to K_t, and a test at K = 1 says little about
+K = 4; a candidate is viable when it could pay at all, (1 + K) / cost(K) > 1 with every
+draft accepted, and when none is, the batch never tests and decodes plainly; backing off,
+below, keeps tests rare where speculation loses); at its end each row
 takes the K (0 or a candidate) with the best utility for the *set* phase of
 ``set_iters`` iterations; then the batch re-tests. A row's K is capped at the K with the
 most tokens per cost summed over the batch (the step pays for the largest K any row
@@ -118,7 +119,7 @@ class Controller:
     acceptance rate is S / (S + F)). ``prior`` is a per-draft acceptance rate expected
     before testing (the recent calls' rate, -1: none): each test's expected tokens are
     shrunk toward it by ``PRIOR_ITERS`` pseudo-iterations, and tests draft ``base_k`` (the
-    candidate the prior favours, else the smallest viable one) when the batch chose 0.
+    candidate the prior favours, else the largest viable one) when the batch chose 0.
     """
 
     cost_K: jax.Array
@@ -167,9 +168,11 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Cont
     k0 = first_viable(ucfg, cost)
     never = k0 == 0  # skip the test phase for good; every row at K = 0
     ks = jnp.asarray(ucfg.candidates, jnp.int32)
+    # the largest viable candidate: a test's drafts at K_t measure acceptance up to K_t
+    k_hi = jnp.max(jnp.where(1.0 + ks > jnp.take(cost, ks), ks, 0)).astype(jnp.int32)
     u_prior = jnp.take(prior_tokens(prior, ka), ks) / jnp.take(cost, ks)
     base = jnp.where((prior >= 0) & (jnp.max(u_prior) > 1.0), jnp.take(ks, jnp.argmax(u_prior)),
-                     k0).astype(jnp.int32)
+                     k_hi).astype(jnp.int32)
     return Controller(cost, jnp.zeros((batch, ka), jnp.int32),
                       jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, ka), jnp.float32),
                       jnp.zeros((batch, ucfg.log_slots, 3), jnp.float32),
@@ -266,7 +269,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     phase = jnp.minimum(c.phase_iter + 1, NEVER)
     phase = jnp.where(phase >= ucfg.test_iters + set_len, 0, phase)
     # the next test drafts what the batch chose (base_k if 0: the prior's favourite or
-    # the smallest viable candidate)
+    # the largest viable candidate)
     any_decided = jnp.any(decide)
     test_k = jnp.where(any_decided, jnp.maximum(cap, c.base_k), c.test_k)
     return c.replace(hist_BA=jnp.where(last, 0, hist), chosen_B=chosen,

@@ -149,7 +149,7 @@ def test_engine_k_auto_matches_reference(models, prompts, reference, costs, test
     if tests:
         c = eng.state.controller  # the batch clock starts from the costs, not zeros
         np.testing.assert_allclose(np.asarray(c.cost_K), costs)
-        assert int(c.set_len) == spec.auto_set_iters and int(c.test_k) == 1
+        assert int(c.set_len) == spec.auto_set_iters and int(c.test_k) == 2
     eng.start(precompile=False)
     try:
         hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]

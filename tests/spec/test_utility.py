@@ -43,12 +43,14 @@ def test_utilities_from_a_histogram():
     # batch total tokens per cost here: K=0 2/1, K=1 3/1.5, K=2 4/2, K=4 6/3: a tie, so
     # the batch caps every row at K = 0 (the cheapest of the best)
     c = utility.init(u, 3, cost, jnp.array([5, 5, 5]))
-    assert int(c.test_k) == 1  # the first test drafts the smallest candidate
+    assert int(c.test_k) == 4  # the first test drafts the largest viable candidate
+    assert int(utility.init(u, 3, jnp.array([1.0, 1.5, 2.0, 2.5, 5.5]),  # 5 / 5.5 < 1
+                            jnp.array([5, 5, 5])).test_k) == 2
     c = c.replace(test_k=jnp.asarray(4, jnp.int32))  # here: a test at K_max
     for n_acc in ([4, 0, 1], [4, 0, 1]):
         c = utility.update(u, c, jnp.array([True, True, False]), jnp.array(n_acc))
     assert np.asarray(c.chosen_B).tolist() == [0, 0, -1]
-    assert int(c.test_k) == 1  # the batch chose 0: the next test is the cheapest
+    assert int(c.test_k) == 4  # the batch chose 0: the next test is base_k again
     # cheaper drafts: K=4 gives the batch (5 + 1) / 1.8 tokens per cost, the most
     cost = jnp.array([1.0, 1.2, 1.4, 1.6, 1.8])
     c = utility.init(u, 3, cost, jnp.array([5, 5, 5])).replace(test_k=jnp.asarray(4))
@@ -305,14 +307,14 @@ def test_prior_sets_the_test_k_and_shrinks_short_tests():
     favours instead of the smallest viable one, and a test's expected tokens are
     ``(n * measured + PRIOR_ITERS * prior_tokens) / (n + PRIOR_ITERS)``."""
     u = utility.UtilityConfig(candidates=(1, 2, 4))
-    cost = jnp.asarray([1.0, 1.9, 2.6, 2.9, 3.1], jnp.float32)
+    cost = jnp.asarray([1.0, 1.9, 2.3, 2.9, 3.5], jnp.float32)
     np.testing.assert_allclose(utility.prior_tokens(0.8, 5), [1, 1.8, 2.44, 2.952, 3.3616],
                                rtol=1e-5)
     seq = jnp.zeros((2,), jnp.int32)
-    assert int(utility.init(u, 2, cost, seq).test_k) == 1  # no prior: smallest viable
-    c = utility.init(u, 2, cost, seq, prior=0.8)  # 3.36 / 3.1 > 1: K = 4 favoured
-    assert int(c.test_k) == 4 and int(c.base_k) == 4
-    assert int(utility.init(u, 2, cost, seq, prior=0.3).base_k) == 1  # none pays: viable
+    assert int(utility.init(u, 2, cost, seq).test_k) == 4  # no prior: largest viable
+    c = utility.init(u, 2, cost, seq, prior=0.8)  # 2.44 / 2.3 the best: K = 2 favoured
+    assert int(c.test_k) == 2 and int(c.base_k) == 2
+    assert int(utility.init(u, 2, cost, seq, prior=0.3).base_k) == 4  # none pays: viable
     hist = jnp.asarray([[0, 0, 0, 0, 2], [1, 1, 0, 0, 0]], jnp.int32)  # 2 iterations at K=4
     plain = utility.utilities(u, hist, cost, 4)
     shrunk = utility.utilities(u, hist, cost, 4, jnp.float32(0.8))
