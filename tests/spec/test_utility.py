@@ -127,7 +127,9 @@ def test_first_viable_candidate():
 
 
 @pytest.mark.parametrize("regime,cost", [
-    ("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0]),  # no K could pay -> never tests
+    # no K could pay -> never tests (generate and the engine run the plain program there
+    # instead: test_decoder_k_auto, the engine's "loses" case)
+    pytest.param("speculation loses", [1.0, 5.0, 6.0, 7.0, 8.0], marks=pytest.mark.slow),
     ("only K = 4 could pay", [1.0, 2.5, 3.5, 4.5, 4.8]),  # tests draft 4; -> K = 0 or 4
     pytest.param("speculation free", [1.0] * 5, marks=pytest.mark.slow),  # -> K = 4
     ("mixed", [1.0, 1.3, 1.6, 1.9, 2.2]),  # -> per-row choices from acceptance
