@@ -170,12 +170,11 @@ class Engine:
             costs = self.decoder.utility_costs(self._rows, per_call=True)
             log.info("utility-driven K: iteration cost by K (vs a plain step) %s",
                      np.round(np.asarray(costs), 3).tolist())
-            if int(utility.first_viable(self.cfg.utility, jnp.asarray(costs))) == 0:
+            if not utility.pays_at(self.cfg.utility, costs):
                 # no candidate K could pay even with every draft accepted: the controller
                 # would never test, so compile the plain decoding step itself
                 log.info("utility-driven K: no K can pay at these costs; decoding plainly")
-                self.cfg = dataclasses.replace(self.cfg, utility=None, k=0, tree=None,
-                                               method="none")
+                self.cfg = self.cfg.plain()
 
         cfg = self.cfg
         out = self._state_shardings  # None: follow the inputs (one device)

@@ -348,8 +348,7 @@ class SpecDecoder:
         (``SpecConfig.auto_explore_every``); its cache is sized for plain decoding."""
         if self.cfg.utility is None or self._auto_choice(len(prompt_lens)) == "auto":
             return self.loop_config(prompt_lens, max_new)
-        plain = dataclasses.replace(self.cfg, utility=None, k=0, tree=None, method="none")
-        return self.loop_config(prompt_lens, max_new, plain)
+        return self.loop_config(prompt_lens, max_new, self.cfg.plain())
 
     def _auto_rows(self, prompts: int) -> int:
         n = self.batch_multiple  # rows as generate_state pads them under a mesh
@@ -367,20 +366,16 @@ class SpecDecoder:
 
     def _auto_choice(self, prompts: int) -> str:
         """``never``: no candidate K could pay at this batch's costs even with every draft
-        accepted; ``recent``: none would at the recent tests' mean acceptance rate and
+        accepted; ``recent``: none would at the recent tests' pooled acceptance rate and
         the next exploring call is not due; else ``auto`` (run the controller)."""
-        from moesd_jax.analysis.cost_model import expected_tokens
-
         rows = self._auto_rows(prompts)
-        costs = np.asarray(self.utility_costs(rows))
-        u = self.cfg.utility
-        if not any(1 + k > costs[k] for k in u.candidates):  # first_viable, on the host
+        costs = self.utility_costs(rows)
+        if not spec_utility.pays_at(self.cfg.utility, costs):
             return "never"
         rate = self.auto_rate(prompts)
         every = self.spec.auto_explore_every
-        if (rate is not None and every > 0
-                and self._auto_plain.get(rows, 0) < every - 1
-                and not any(expected_tokens(rate, k) > costs[k] for k in u.candidates)):
+        if (rate is not None and every > 0 and self._auto_plain.get(rows, 0) < every - 1
+                and not spec_utility.pays_at(self.cfg.utility, costs, rate)):
             return "recent"
         return "auto"
 

@@ -109,6 +109,10 @@ class LoopConfig:
             return None
         return spec_tree.TokenTree.from_paths(self.tree or spec_tree.chain_paths(self.k))
 
+    def plain(self) -> LoopConfig:
+        """This program's plain decoding twin: no drafter, no controller."""
+        return dataclasses.replace(self, method="none", k=0, tree=None, utility=None)
+
     @property
     def width(self) -> int:
         """Tokens per verification forward: T = N + 1 (a chain: K + 1)."""
@@ -197,9 +201,9 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
         then the target's greedy continuation), M <= max_len.
       draft_k_B: optional int32 [B] per-row draft limit (``DecodeState.draft_k_B``).
       utility_cost_K: float32 [K_max + 1] iteration costs for ``cfg.utility``
-      utility_prior: float32 [] per-draft acceptance rate expected before testing (the
-        decoder's recent calls'; < 0 or None: none), ``spec.utility.init``'s ``prior``
         (``SpecDecoder.utility_costs``: timed or ``cost_model.model_iteration_costs``).
+      utility_prior: float32 [] per-draft acceptance rate expected before testing (the
+        decoder's recent calls'; < 0 or None: none), ``spec.utility.init``'s ``prior``.
     """
     b, p = prompts_BT.shape
     n = cfg.max_len
@@ -348,7 +352,7 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState) -> DecodeState:
 
     def run(k):
         if k == 0:
-            bcfg = dataclasses.replace(cfg, method="none", k=0, utility=None)
+            bcfg = cfg.plain()
             return lambda s: _step(bcfg, target, draft, s)
         bcfg = dataclasses.replace(cfg, k=k, utility=None)
 

@@ -159,6 +159,16 @@ def first_viable(ucfg: UtilityConfig, cost_K) -> jax.Array:
     return jnp.min(jnp.where(viable, ks, NEVER)).astype(jnp.int32) % NEVER
 
 
+def pays_at(ucfg: UtilityConfig, cost_K, rate: float = 1.0) -> bool:
+    """Host side: whether some candidate K would pay, ``expected_tokens(rate, K) >
+    cost(K)``, at per-draft acceptance ``rate`` (1: every draft accepted, the test of
+    :func:`first_viable`)."""
+    from moesd_jax.analysis.cost_model import expected_tokens
+
+    c = np.asarray(cost_K)
+    return any(expected_tokens(rate, k) > c[k] for k in ucfg.candidates)
+
+
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Controller:
     ka = ucfg.k_max + 1
     cost = jnp.asarray(cost_K, jnp.float32)
