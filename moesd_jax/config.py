@@ -282,8 +282,9 @@ class SpecConfig:
       auto_hardware: cost-model preset for ``auto_costs: model`` (``cpu-measured``
         calibrates this machine).
       auto_explore_every: ``generate`` calls remember the acceptance rates their tests
-        measured (per batch size); while no candidate K would pay at their pooled
-        rate, calls decode plainly without testing, except every
+        measured (per batch size); while no candidate K would pay even at an optimistic
+        bound of their pooled rate (``utility.rate_upper``), calls decode plainly
+        without testing, except every
         ``auto_explore_every``-th, which runs the controller again (0: test every call).
       budget: the target's verification-time expert budget (:class:`BudgetConfig`);
         prefill and plain decoding steps are never budgeted.

@@ -354,25 +354,29 @@ class SpecDecoder:
         n = self.batch_multiple  # rows as generate_state pads them under a mesh
         return -(-prompts // n) * n
 
-    def auto_rate(self, prompts: int) -> float | None:
+    def auto_rate(self, prompts: int, upper: bool = False) -> float | None:
         """The per-draft acceptance rate recent ``--k auto`` tests measured at this batch
         size, pooled (accepted drafts / (accepted + rejecting iterations) over the last
-        ``AUTO_MEMORY`` tested rows); None before any."""
+        ``AUTO_MEMORY`` tested rows), or with ``upper`` its optimistic bound
+        (``utility.rate_upper``); None before any."""
         mem = self._auto_rates.get(self._auto_rows(prompts))
         if not mem:
             return None
         s, f = np.sum(np.asarray(mem), axis=0)
-        return float(s / (s + f)) if s + f > 0 else None
+        if s + f <= 0:
+            return None
+        return spec_utility.rate_upper(s, f) if upper else float(s / (s + f))
 
     def _auto_choice(self, prompts: int) -> str:
         """``never``: no candidate K could pay at this batch's costs even with every draft
-        accepted; ``recent``: none would at the recent tests' pooled acceptance rate and
-        the next exploring call is not due; else ``auto`` (run the controller)."""
+        accepted; ``recent``: none would even at the optimistic bound of the recent tests'
+        pooled acceptance rate and the next exploring call is not due; else ``auto`` (run
+        the controller)."""
         rows = self._auto_rows(prompts)
         costs = self.utility_costs(rows)
         if not spec_utility.pays_at(self.cfg.utility, costs):
             return "never"
-        rate = self.auto_rate(prompts)
+        rate = self.auto_rate(prompts, upper=True)
         every = self.spec.auto_explore_every
         if (rate is not None and every > 0 and self._auto_plain.get(rows, 0) < every - 1
                 and not spec_utility.pays_at(self.cfg.utility, costs, rate)):

@@ -35,9 +35,11 @@ joined mid-phase) drafts K_t.
 **Across calls** (``SpecDecoder.generate``, per batch size): where no candidate could
 pay even with every draft accepted the call runs the plain decoding program itself; the
 tests' counts (``Controller.sf_B2``) are remembered and pooled into a per-draft
-acceptance rate. While no candidate would pay at that rate, calls decode plainly without
-testing, except every ``SpecConfig.auto_explore_every``-th, which runs the controller and
-refreshes the memory (a request's own test costs what a short request gains at best).
+acceptance rate. While no candidate would pay even at an optimistic bound of that rate
+(:func:`rate_upper`: few counts leave it wide, so a short unlucky test does not switch
+speculation off for the calls after it), calls decode plainly without testing, except
+every ``SpecConfig.auto_explore_every``-th, which runs the controller and refreshes the
+memory (a request's own test costs what a short request gains at best).
 Where one would, the rate is the controller's *prior*: tests draft the candidate it
 favours, and each test's expected tokens are shrunk toward it (``PRIOR_ITERS``), so that
 a noisy two-iteration test does not switch a paying request off on its own.
@@ -138,6 +140,7 @@ class Controller:
     base_k: jax.Array
 
 
+RATE_Z = 1.645  # rate_upper: one-sided 95% (the plain-or-test gate across calls)
 NEVER = 2**30  # a set phase that never ends: no candidate can pay, so never test
 PRIOR_ITERS = 2.0  # weight of the prior in a test's expected tokens, in test iterations
 
@@ -167,6 +170,20 @@ def pays_at(ucfg: UtilityConfig, cost_K, rate: float = 1.0) -> bool:
 
     c = np.asarray(cost_K)
     return any(expected_tokens(rate, k) > c[k] for k in ucfg.candidates)
+
+
+def rate_upper(s: float, f: float, z: float = RATE_Z) -> float:
+    """Host side: an optimistic bound on a per-draft acceptance rate measured as ``s``
+    accepted drafts and ``f`` rejecting iterations (the estimate is ``s / (s + f)``):
+    the Wilson score interval's upper end at ``z`` standard errors over ``n = s + f``
+    trials, 1 with no trials. Wide for a few counts, it tightens as ``1 / sqrt(n)``."""
+    n = float(s) + float(f)
+    if n <= 0:
+        return 1.0
+    p, z2 = float(s) / n, z * z
+    centre = p + z2 / (2 * n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(min(1.0, (centre + half) / (1 + z2 / n)))
 
 
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Controller:

@@ -118,6 +118,20 @@ def setup():
     return dec, prompts, ar
 
 
+def test_rate_upper_is_wilson_and_tightens():
+    """The optimistic rate of the plain-or-test gate: Wilson's upper end, by hand for
+    s = 8, f = 2 at z = 1.645 (p = 0.8, n = 10); 1 with no counts; above the estimate and
+    closer to it as counts grow at the same rate; 1 for a perfect record."""
+    z, n, p = 1.645, 10, 0.8
+    hand = (p + z * z / (2 * n) + z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (
+        1 + z * z / n)
+    assert abs(utility.rate_upper(8, 2) - hand) < 1e-9 and 0.93 < hand < 0.94
+    assert utility.rate_upper(0, 0) == 1.0 and abs(utility.rate_upper(5, 0) - 1.0) < 1e-12
+    ups = [utility.rate_upper(8 * m, 2 * m) for m in (1, 4, 16, 64)]
+    assert all(a > b > 0.8 for a, b in zip(ups, ups[1:]))
+    assert ups[-1] - 0.8 < 0.03
+
+
 def test_first_viable_candidate():
     u = utility.UtilityConfig(candidates=(1, 2, 4))
     fv = lambda c: int(utility.first_viable(u, jnp.asarray(c, jnp.float32)))  # noqa: E731
@@ -207,7 +221,7 @@ def test_decoder_k_auto(setup):
 
 def test_decoder_k_auto_remembers_rates_across_calls(setup):
     """Across generate calls (one batch size): the tests' acceptance rates are
-    remembered; while no K would pay at their mean, calls decode plainly without testing,
+    remembered; while no K would pay even at their optimistic bound, calls decode plainly without testing,
     except every ``auto_explore_every``-th, which runs the controller (and refreshes the
     memory). Every call == AR."""
     from moesd_jax.analysis.cost_model import expected_tokens
@@ -221,10 +235,14 @@ def test_decoder_k_auto_remembers_rates_across_calls(setup):
     assert dec.auto_rate(n) is None
     first = dec.generate(prompts, 20)
     assert all(r.stats["utility"] for r in first)
-    rate = dec.auto_rate(n)
-    assert rate is not None and 0.0 <= rate < 1.0
-    # costs at which every K could pay only above the measured rate
-    costs = [1.0] + [expected_tokens(min(rate + 0.02, 1.0), k) + 0.01 for k in (1, 2, 3, 4)]
+    rate, upper = dec.auto_rate(n), dec.auto_rate(n, upper=True)
+    assert rate is not None and 0.0 <= rate < upper <= 1.0
+    # costs at which some K pays at the optimistic bound: the controller runs again
+    costs = [1.0] + [expected_tokens(max(upper - 0.02, 0.0), k) for k in (1, 2, 3, 4)]
+    dec._costs[(n, False)] = np.asarray(costs, np.float32)
+    assert dec.call_config([len(p) for p in prompts], [20] * n).utility is not None
+    # costs at which every K could pay only above the bound
+    costs = [1.0] + [expected_tokens(min(upper + 0.02, 1.0), k) + 0.01 for k in (1, 2, 3, 4)]
     assert all(1 + k > costs[k] for k in (1, 2, 4))  # viable with every draft accepted
     dec._costs[(n, False)] = np.asarray(costs, np.float32)
     ran = []
