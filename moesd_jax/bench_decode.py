@@ -87,6 +87,15 @@ def unique_by_layer(routing_BTLK: np.ndarray, num_experts: int) -> np.ndarray:
     return unique_per_step(routing_BTLK.reshape(1, b * t, layers, k), num_experts)[0]
 
 
+def rows_by_layer(routing_BTLK: np.ndarray, num_experts: int) -> np.ndarray:
+    """Rows one forward's [B, T, L, K] routing sent to each expert, per MoE layer:
+    int [L, E] (ids == E are dropped assignments and do not count)."""
+    b, t, layers, k = routing_BTLK.shape
+    ids = np.transpose(np.asarray(routing_BTLK), (2, 0, 1, 3)).reshape(layers, -1)
+    return np.stack([np.bincount(row[row < num_experts], minlength=num_experts)
+                     for row in ids.astype(np.int64)])
+
+
 def unique_experts_per_layer(routing_BTLK: np.ndarray | None, num_experts: int) -> float:
     """Mean over MoE layers of the distinct experts one forward routed to (ids == E are
     dropped assignments and do not count)."""
@@ -272,7 +281,8 @@ def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64
     """The cost model's calibration check: for each (model, batch, T) the measured median
     time of one jitted target forward of T tokens per row after ``context`` cached ones,
     next to ``analysis.cost_model.step_cost`` on ``hw`` (independence formula for the
-    unique experts, and with the unique experts the forward actually routed to)."""
+    unique experts, and with the rows per expert the forward actually routed: its unique
+    experts and exact row-chunk count)."""
     from moesd_jax.analysis.cost_model import step_cost
 
     configs = configs or bench_configs()
@@ -293,7 +303,8 @@ def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64
                        "expert_fraction": pred.expert_fraction}
                 if n_exp:
                     u_layers = unique_by_layer(rt, n_exp).tolist()
-                    traced = step_cost(cfg, hw, b, t, context=context, unique_experts=u_layers)
+                    traced = step_cost(cfg, hw, b, t, context=context,
+                                       expert_rows=rows_by_layer(rt, n_exp))
                     row |= {"unique_experts": float(np.mean(u_layers)),
                             "unique_experts_independent": pred.unique_experts,
                             "predicted_traced_ms": traced.time_s * 1e3,

@@ -42,6 +42,21 @@ def test_unique_experts_and_chunks_match_monte_carlo():
                                                                         rel=0.02)
 
 
+def test_chunks_given_unique_experts_hand_and_monte_carlo():
+    """Chunks of a layer whose routed rows went to U experts (a trace's count): by hand
+    at the ends, Monte-Carlo (each expert one row, the rest spread uniformly) between."""
+    assert cm.chunks_given_unique(5, 5, 8) == 5.0  # one row each
+    assert cm.chunks_given_unique(1, 10, 8) == 2.0  # ceil(10 / 8)
+    assert cm.chunks_given_unique(0, 0, 8) == 0.0
+    rng = np.random.default_rng(1)
+    for u, routed, chunk in [(4, 32, 8), (20, 64, 4), (31, 512, 8)]:
+        sims = [np.ceil((1 + np.bincount(rng.integers(0, u, routed - u), minlength=u))
+                        / chunk).sum() for _ in range(3000)]
+        got = cm.chunks_given_unique(u, routed, chunk)
+        assert got == pytest.approx(np.mean(sims), rel=0.01)
+        assert got < u + (routed - u) / chunk  # the old count's partial chunk per expert
+
+
 def test_expected_tokens_and_speedup_formula():
     assert cm.expected_tokens(0.0, 4) == 1.0
     assert cm.expected_tokens(1.0, 4) == 5.0
@@ -75,6 +90,19 @@ def test_step_cost_bytes_by_hand():
     assert c.unique_experts == 2.0
     # measured unique experts override the formula
     assert cm.step_cost(cfg, NO_OVERHEAD, 1, 3, unique_experts=[3]).unique_experts == 3.0
+    # a trace's rows per expert: unique experts, and on a row-chunk engine the exact
+    # chunks sum ceil(rows / chunk) (chunk = row_chunk(3 rows, k 2, E 4) = 2 here)
+    from moesd_jax.models.moe import row_chunk
+
+    chunky = dataclasses.replace(NO_OVERHEAD, expert_row_chunks=True)
+    c = row_chunk(3, 2, 4)
+    rows = [[3, 2, 1, 0]]
+    tr = cm.step_cost(cfg, chunky, 1, 3, expert_rows=rows)
+    assert tr.unique_experts == 3.0
+    want = sum(math.ceil(r / c) for r in rows[0])
+    assert tr.parts["experts"].bytes == want * 3 * 8 * 16 * 4
+    with pytest.raises(ValueError, match="expert_rows"):
+        cm.step_cost(cfg, chunky, 1, 3, expert_rows=[[1, 2]] * 2)
     with pytest.raises(ValueError, match="batch"):
         cm.step_cost(cfg, NO_OVERHEAD, 0, 1)
 

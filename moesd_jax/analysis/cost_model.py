@@ -275,9 +275,15 @@ def measure_dots(shapes: Sequence[tuple[int, int]] = DOT_SHAPES,
                           jnp.float32) for i in range(1 if hot else n_w)]
         ws = tuple(w0[i % len(w0)] for i in range(n_w))
 
-        def chain(x, ws):
-            for w in ws:  # the next dot depends on this one through a cheap reduction
-                x = x + 1e-6 * jnp.sum(x @ w)
+        m = min(k, n)
+
+        def chain(x, ws, m=m):
+            # the next dot depends on this one through an elementwise op on its output,
+            # as a forward's dots do. (Through a reduction, jnp.sum(x @ w), the same dots
+            # measured up to 1.6x slower at 256-512 rows on XLA:CPU, and the cost model
+            # over-predicted forwards of that many rows by 35-46%.)
+            for w in ws:
+                x = x.at[:, :m].add(1e-6 * (x @ w)[:, :m])
             return x
 
         fn = jax.jit(chain)
@@ -458,11 +464,32 @@ def expected_chunks(num_experts: int, top_k: int, tokens: int, chunk: int) -> fl
     p = top_k / num_experts
     if p >= 1.0:
         return num_experts * math.ceil(tokens / chunk)
-    n = np.arange(tokens + 1)
+    return float(num_experts * np.sum(_binomial_pmf(tokens, p) * np.ceil(
+        np.arange(tokens + 1) / chunk)))
+
+
+def chunks_given_unique(unique: float, routed_rows: float, chunk: int) -> float:
+    """Expected row-chunk dots of one layer whose ``routed_rows`` (token, expert) rows went
+    to ``unique`` distinct experts (e.g. counted in a routing trace): each active expert
+    holds one row plus its share of the rest, ``1 + Binomial(routed - U, 1 / U)``, and
+    runs ``ceil(rows / chunk)`` chunks. (``U + (routed - U) / chunk`` instead would count
+    a partly filled chunk per expert that ceil does not: e.g. U experts of exactly
+    ``chunk`` rows each run U chunks, not ~2U.)"""
+    u = float(unique)
+    if u <= 0:
+        return 0.0
+    extra = int(round(max(float(routed_rows) - u, 0.0)))
+    if u <= 1.0 or extra == 0:
+        return u * math.ceil((1 + extra / max(u, 1.0)) / chunk)
+    return float(u * np.sum(_binomial_pmf(extra, 1.0 / u) * np.ceil(
+        (1 + np.arange(extra + 1)) / chunk)))
+
+
+def _binomial_pmf(trials: int, p: float) -> np.ndarray:
+    n = np.arange(trials + 1)
     lg = np.vectorize(math.lgamma)
-    logpmf = (lg(tokens + 1) - lg(n + 1) - lg(tokens - n + 1) + n * np.log(p)
-              + (tokens - n) * np.log1p(-p))
-    return float(num_experts * np.sum(np.exp(logpmf) * np.ceil(n / chunk)))
+    return np.exp(lg(trials + 1) - lg(n + 1) - lg(trials - n + 1) + n * np.log(p)
+                  + (trials - n) * np.log1p(-p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,13 +560,16 @@ def _add(*parts: Part) -> Part:
 
 def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
               context: int = 512, unique_experts: float | Sequence[float] | None = None,
-              weight_dtype: str | None = None) -> StepCost:
+              weight_dtype: str | None = None, expert_rows=None) -> StepCost:
     """Cost of one forward of ``batch`` rows x ``tokens`` tokens after ``context`` cached
     tokens per row (see the module docstring for the parts).
 
     Args:
       unique_experts: distinct experts per MoE layer (a number, or one per layer, e.g.
         from a routing trace); None = the independence formula for ``batch * tokens``.
+      expert_rows: instead, the rows each expert got in this forward, ``[MoE layers, E]``
+        (from a routing trace): gives the unique experts and, on an engine that runs
+        experts in row chunks, the exact chunk count ``sum ceil(rows / chunk)``.
       weight_dtype: bytes per weight from this dtype; None = ``cfg.param_dtype`` (the
         CPU preset uses ``cfg.compute_dtype``: CPU decoding holds weights in it).
     """
@@ -576,6 +606,13 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
         m = cfg.moe
         parts["router"] = _dots(hw, [(d, m.num_experts)], m_rows, wb, n_moe)
         pe = 3 * d * m.expert_dim
+        if expert_rows is not None:
+            if unique_experts is not None:
+                raise ValueError("give unique_experts or expert_rows, not both")
+            er = np.asarray(expert_rows, np.float64)
+            if er.ndim != 2 or er.shape[0] != n_moe:
+                raise ValueError(f"expert_rows has shape {er.shape}; need ({n_moe}, experts)")
+            unique_experts = (er > 0).sum(axis=1).tolist()
         if unique_experts is None:
             u_layers = [expected_unique_experts(m.num_experts, m.top_k, m_rows)] * n_moe
         elif np.isscalar(unique_experts):
@@ -591,10 +628,12 @@ def step_cost(cfg: ModelConfig, hw: Hardware, batch: int, tokens: int = 1,
             from moesd_jax.models.moe import row_chunk
 
             c = row_chunk(m_rows, m.top_k, m.num_experts)
-            if unique_experts is None:
+            if expert_rows is not None:
+                chunks = float(np.sum(np.ceil(er / c)))
+            elif unique_experts is None:
                 chunks = n_moe * expected_chunks(m.num_experts, m.top_k, m_rows, c)
-            else:  # measured U: each active expert one chunk, the other rows c per chunk
-                chunks = sum(ul + max(routed_rows - ul, 0.0) / c for ul in u_layers)
+            else:  # measured U: the routed rows spread over the U active experts
+                chunks = sum(chunks_given_unique(ul, routed_rows, c) for ul in u_layers)
             first = sum(u_layers)  # each expert's first chunk reads it from memory
             later_hot = pe * wb <= hw.cache_bytes
             t_cold = hw.chunk_time(pe * wb, c, hot=False)

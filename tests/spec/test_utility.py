@@ -221,9 +221,9 @@ def test_decoder_k_auto(setup):
 
 def test_decoder_k_auto_remembers_rates_across_calls(setup):
     """Across generate calls (one batch size): the tests' acceptance rates are
-    remembered; while no K would pay even at their optimistic bound, calls decode plainly without testing,
-    except every ``auto_explore_every``-th, which runs the controller (and refreshes the
-    memory). Every call == AR."""
+    remembered; while no K would pay even at their optimistic bound, calls decode
+    plainly without testing, except every ``auto_explore_every``-th, which runs the
+    controller (and refreshes the memory). Every call == AR."""
     from moesd_jax.analysis.cost_model import expected_tokens
 
     dec0, prompts, ar = setup
