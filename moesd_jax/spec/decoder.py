@@ -430,8 +430,8 @@ class SpecDecoder:
         ref = ((jnp.asarray(np.concatenate([np.asarray(prompts)] * 8, axis=1)),)
                if self.cfg.method == "oracle" else ())
         times = {}
-        cfgs = {k: dataclasses.replace(base, utility=None, k=k, tree=None,
-                                       method="none" if k == 0 else base.method)
+        cfgs = {k: base.plain() if k == 0 else dataclasses.replace(base, utility=None, k=k,
+                                                                    tree=None)
                 for k in u.branch_ks}
         if not per_call:
             times = self._loop_iteration_times(cfgs, prepared, ref)
