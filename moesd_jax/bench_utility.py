@@ -66,8 +66,14 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
             for bt in batches:
                 ref[id(bt)] = [r.token_ids for r in decs["none"].generate(bt, max_new)]
 
-        def gen(dec, bt, ref=ref):
-            kw = {}
+        seeds = {id(bt): i for i, bt in enumerate(batches)}
+
+        def gen(dec, bt, ref=ref, seeds=seeds):
+            # each batch its own seed (the same for every config): the oracle's accept
+            # draws are per-row streams, and one seed for every call would repeat the same
+            # draws at the same iterations of every call, which the controller's tests
+            # (iterations 0-1, then every set phase) would then see each time
+            kw = {"seed": seeds[id(bt)]}
             if method == "oracle" and dec.spec.method != "none":
                 kw["oracle_reference"] = [p + t for p, t in zip(bt, ref[id(bt)])]
             return dec.generate(bt, max_new, **kw)
