@@ -1,5 +1,6 @@
 """The benchmark harness runs and reports consistent fields (timings are not asserted)."""
 
+import numpy as np
 import pytest
 
 from moesd_jax import benchmarks
@@ -114,3 +115,42 @@ def test_budget_sweep_tiny_shape():
     for r in rows:
         assert r["tokens_per_s"] > 0 and 1.0 <= r["acceptance_length"] <= 4.0
         assert 0.0 < r["mass_kept"] <= 1.0
+
+
+def test_utility_sweep_tiny_shape(monkeypatch):
+    """bench.py utility's harness on the tiny shape with the oracle: every config gives
+    AR's tokens, auto reports its decisions and costs, and each batch decodes with its own
+    seed, the same for every config (one seed for every call repeated the oracle's accept
+    draws at the controller's test iterations). Timings are not asserted."""
+    from flax import nnx
+
+    from moesd_jax import bench_decode as bd
+    from moesd_jax import bench_utility as bu
+    from moesd_jax.models.transformer import Transformer
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    cfg = bd.bench_configs(d_model=32, layers=2, experts=8, top_k=2, expert_dim=32,
+                           vocab=128)["moe"]
+    target = Transformer(cfg, nnx.Rngs(0))
+    prompts = np.random.default_rng(0).integers(1, 128, (3, 6)).tolist()
+    seen = []
+    orig = SpecDecoder.generate
+
+    def spy(self, prompts, max_new, **kw):
+        seen.append((self.spec.method, self.spec.auto, kw.get("seed")))
+        return orig(self, prompts, max_new, **kw)
+
+    monkeypatch.setattr(SpecDecoder, "generate", spy)
+    rows = bu.utility_sweep(target, None, "oracle", {"o": prompts},
+                            configs=("none", "k:2", "auto"), max_new=12, batch=1,
+                            oracle_acceptance=0.5)
+    assert [r["config"] for r in rows] == ["none", "k:2", "auto"]
+    assert all(r["equal_to_ar"] for r in rows)
+    auto = rows[-1]
+    assert len(auto["auto_costs"]) == 3 and auto["auto_costs"][0] == 1.0
+    assert "vs_best_static" in auto and auto["speedup"] > 0
+    for method, is_auto in (("none", False), ("oracle", False), ("oracle", True)):
+        # (AR's calls without a seed make the oracle's reference, before the timing)
+        seeds = {s for m, a, s in seen if (m, a) == (method, is_auto) and s is not None}
+        assert seeds == {0, 1, 2}, (method, is_auto, seen)
+    assert all(s is not None for m, _, s in seen if m == "oracle")
