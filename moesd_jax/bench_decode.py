@@ -302,9 +302,9 @@ def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64
                        "predicted_bytes": pred.bytes, "predicted_flops": pred.flops,
                        "expert_fraction": pred.expert_fraction}
                 if n_exp:
-                    u_layers = unique_by_layer(rt, n_exp).tolist()
-                    traced = step_cost(cfg, hw, b, t, context=context,
-                                       expert_rows=rows_by_layer(rt, n_exp))
+                    rows_le = rows_by_layer(rt, n_exp)
+                    u_layers = (rows_le > 0).sum(axis=1).tolist()
+                    traced = step_cost(cfg, hw, b, t, context=context, expert_rows=rows_le)
                     row |= {"unique_experts": float(np.mean(u_layers)),
                             "unique_experts_independent": pred.unique_experts,
                             "predicted_traced_ms": traced.time_s * 1e3,
