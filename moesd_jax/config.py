@@ -281,11 +281,15 @@ class SpecConfig:
         ``auto_hardware``).
       auto_hardware: cost-model preset for ``auto_costs: model`` (``cpu-measured``
         calibrates this machine).
-      auto_explore_every: ``generate`` calls remember the acceptance rates their tests
-        measured (per batch size); while no candidate K would pay even at an optimistic
-        bound of their pooled rate (``utility.rate_upper``), calls decode plainly
-        without testing, except every
+      auto_explore_every: ``generate`` calls remember the per-row acceptance counts
+        their tests measured (per batch size); while no candidate K would finish the
+        static batch sooner than plain decoding, by at least ``auto_margin``, even at an
+        optimistic bound of those rates (``utility.batch_pays``: the batch waits for its
+        slowest row), calls decode plainly without testing, except every
         ``auto_explore_every``-th, which runs the controller again (0: test every call).
+      auto_margin: the share of plain decoding's time a static K must save before a
+        call runs the controller: the controller's program costs more than that K's
+        (tests at other Ks, the draft's catch-up after plain phases, phase switches).
       budget: the target's verification-time expert budget (:class:`BudgetConfig`);
         prefill and plain decoding steps are never budgeted.
     """
@@ -302,6 +306,7 @@ class SpecConfig:
     auto_test_iters: int = 2
     auto_set_iters: int = 24
     auto_explore_every: int = 16
+    auto_margin: float = 0.05
     budget: BudgetConfig = BudgetConfig()
 
     @property
@@ -337,6 +342,9 @@ class SpecConfig:
             if self.auto_costs not in ("measured", "model"):
                 raise ConfigError(f"{prefix}.auto_costs={self.auto_costs!r} must be measured "
                                   "or model")
+            if not 0.0 <= self.auto_margin < 1.0:
+                raise ConfigError(f"{prefix}.auto_margin={self.auto_margin} must be in "
+                                  "[0, 1)")
             if self.auto_explore_every < 0:
                 raise ConfigError(f"{prefix}.auto_explore_every={self.auto_explore_every} "
                                   "must be >= 0")

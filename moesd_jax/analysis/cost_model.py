@@ -687,6 +687,36 @@ def expected_tokens(acceptance: float | Sequence[float], k: int) -> float:
     return sigma
 
 
+def chain_token_moments(rate, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the tokens one chain iteration of ``k`` drafts commits when
+    each draft is accepted with probability ``rate`` given the previous ones (array
+    rates broadcast): tokens = 1 + X, ``X = min(G, k)``, ``P(X >= j) = rate^j``; mean
+    :func:`expected_tokens`, ``E[X^2] = sum_{j <= k} (2j - 1) rate^j``."""
+    p = np.clip(np.asarray(rate, np.float64), 0.0, 1.0)
+    j = np.arange(1, k + 1, dtype=np.float64)
+    pj = p[..., None] ** j
+    ex = np.sum(pj, axis=-1)
+    return 1.0 + ex, np.maximum(np.sum((2 * j - 1) * pj, axis=-1) - ex * ex, 0.0)
+
+
+def static_batch_iterations(rates_SB, new_tokens_B, k: int, seed: int = 0) -> float:
+    """Expected loop iterations of a *static* batch decoding ``new_tokens_B`` tokens per
+    row with chains of ``k`` drafts: ``E[max_r N_r]``, the loop running until its slowest
+    row is done (rows that finish early idle; a server that refills slots does not pay
+    this). ``rates_SB`` [S, B]: S draws of the rows' per-draft acceptance rates (their
+    spread across prompts is what makes one row the straggler). Each ``N_r`` is the
+    renewal count of iterations to commit ``n_r`` tokens, ``n_r / mu`` with variance
+    ``n_r var / mu^3`` (normal approximation, one normal draw per row and sample).
+    ``k = 0``: plain decoding, ``max_r n_r`` exactly."""
+    n = np.asarray(new_tokens_B, np.float64)
+    if k == 0:
+        return float(np.max(n))
+    mu, var = chain_token_moments(rates_SB, k)
+    z = np.random.default_rng(seed).standard_normal(np.shape(mu))
+    iters = n / mu + z * np.sqrt(n * var / mu ** 3)
+    return float(np.mean(np.max(np.maximum(iters, np.ceil(n / (k + 1))), axis=-1)))
+
+
 def iteration_costs(t_target, t_draft: float, k_max: int) -> np.ndarray:
     """cost(K) of one SD iteration relative to a plain decode step, K = 0..K_max:
     ``(K t_draft + t_target(K + 1)) / t_target(1)`` (cost(0) = 1), from target forward

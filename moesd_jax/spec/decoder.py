@@ -346,7 +346,7 @@ class SpecDecoder:
         never test: same tokens, none of the auto program's per-iteration overhead), and
         so do calls while the tests' recent acceptance rates say no K would pay
         (``SpecConfig.auto_explore_every``); its cache is sized for plain decoding."""
-        if self.cfg.utility is None or self._auto_choice(len(prompt_lens)) == "auto":
+        if self.cfg.utility is None or self._auto_choice(max_new) == "auto":
             return self.loop_config(prompt_lens, max_new)
         return self.loop_config(prompt_lens, max_new, self.cfg.plain())
 
@@ -367,19 +367,22 @@ class SpecDecoder:
             return None
         return spec_utility.rate_upper(s, f) if upper else float(s / (s + f))
 
-    def _auto_choice(self, prompts: int) -> str:
+    def _auto_choice(self, max_new: Sequence[int]) -> str:
         """``never``: no candidate K could pay at this batch's costs even with every draft
-        accepted; ``recent``: none would even at the optimistic bound of the recent tests'
-        pooled acceptance rate and the next exploring call is not due; else ``auto`` (run
-        the controller)."""
-        rows = self._auto_rows(prompts)
+        accepted; ``recent``: none would finish this static batch (one row per
+        ``max_new``) sooner than plain decoding by ``SpecConfig.auto_margin`` at the
+        recent tests' per-row acceptance rates, raised to their optimistic bound
+        (``utility.batch_pays``), and the next exploring call is not due; else ``auto``
+        (run the controller)."""
+        rows = self._auto_rows(len(max_new))
         costs = self.utility_costs(rows)
         if not spec_utility.pays_at(self.cfg.utility, costs):
             return "never"
-        rate = self.auto_rate(prompts, upper=True)
+        mem = self._auto_rates.get(rows)
         every = self.spec.auto_explore_every
-        if (rate is not None and every > 0 and self._auto_plain.get(rows, 0) < every - 1
-                and not spec_utility.pays_at(self.cfg.utility, costs, rate)):
+        if (mem and every > 0 and self._auto_plain.get(rows, 0) < every - 1
+                and not spec_utility.batch_pays(self.cfg.utility, costs, list(mem), max_new,
+                                                margin=self.spec.auto_margin)):
             return "recent"
         return "auto"
 
@@ -510,6 +513,21 @@ class SpecDecoder:
         with self.plan.activate():  # the mesh; the plan itself is cfg.plan
             return self._fn(cfg, self.target, self.draft, *self.plan.shard_batch(*prepared),
                             *extra)
+
+    def warm_up(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Compiles (by running once) every program :meth:`generate` may run for calls
+        of this shape: the decoder's own and, with ``--k auto``, its plain decoding twin
+        (calls the gate sends to plain decoding run it). Nothing is remembered: no
+        acceptance rates, no call counts (the iteration costs are measured if not yet)."""
+        lens, new = [len(p) for p in prompts], [max_new_tokens] * len(prompts)
+        prepared = self.prepare_host(prompts, max_new_tokens)
+        cfgs = [self.loop_config(lens, new)]
+        if self.cfg.utility is not None:
+            cfgs.append(self.loop_config(lens, new, self.cfg.plain()))
+        for cfg in cfgs:
+            if self.cfg.method == "oracle" and cfg.method != "none":
+                continue  # needs an oracle reference: generate's own first call compiles it
+            jax.block_until_ready(self.generate_state(*prepared, cfg=cfg))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
                  oracle_reference: Sequence[Sequence[int]] | None = None,

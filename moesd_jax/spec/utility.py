@@ -26,27 +26,39 @@ below, keeps tests rare where speculation loses); at its end each row
 takes the K (0 or a candidate) with the best utility for the *set* phase of
 ``set_iters`` iterations; then the batch re-tests. A row's K is capped at the K with the
 most tokens per cost summed over the batch (the step pays for the largest K any row
-drafts; a row whose own best is smaller, e.g. 0, keeps it). When every row that was
+drafts; a row whose own best is smaller, e.g. 0, keeps it). That is the rule where
+finished rows' slots refill (the server). In ``generate``'s *static* batches the loop
+runs until its slowest row is done, so the batch instead takes the K that would finish
+its active rows soonest (:func:`static_batch_times`: the longest remaining row at the
+rows' mean tokens per iteration, plus the expected maximum of the rows' spread) and every
+deciding row drafts it: a row that decoded plainly while the others draft would pay the
+drafting iteration anyway and become the straggler. When every row that was
 tested chose K = 0, the next set phase is twice as long (up to ``max_backoff`` x
 ``set_iters``: speculation that keeps losing is re-tested ever more rarely, so its tests
 cost little); any other decision resets it. A row that has not been tested yet (it
 joined mid-phase) drafts K_t.
 
 **Across calls** (``SpecDecoder.generate``, per batch size): where no candidate could
-pay even with every draft accepted the call runs the plain decoding program itself; the
-tests' counts (``Controller.sf_B2``) are remembered and pooled into a per-draft
-acceptance rate. While no candidate would pay even at an optimistic bound of that rate
-(:func:`rate_upper`: few counts leave it wide, so a short unlucky test does not switch
-speculation off for the calls after it), calls decode plainly without testing, except
-every ``SpecConfig.auto_explore_every``-th, which runs the controller and refreshes the
-memory (a request's own test costs what a short request gains at best).
+pay even with every draft accepted the call runs the plain decoding program itself; each
+tested row's counts (``Controller.sf_B2``) are remembered. While no candidate K would
+finish the call's static batch sooner than plain decoding, by ``SpecConfig.auto_margin``
+(the controller's program costs more than a static K's), at those rows' rates
+(:func:`row_rates`, shrunk toward the pooled rate) raised by the gap to an optimistic
+bound of the pooled rate (:func:`rate_upper`: few counts leave it wide, so a short
+unlucky test does not switch speculation off for the calls after it) (:func:`batch_pays`:
+the batch waits for its slowest row, ``cost_model.static_batch_iterations``), calls
+decode plainly without testing, except every ``SpecConfig.auto_explore_every``-th, which
+runs the controller and refreshes the memory (a request's own test costs what a short
+request gains at best).
 Where one would, the rate is the controller's *prior*: tests draft the candidate it
 favours, and each test's expected tokens are shrunk toward it (``PRIOR_ITERS``), so that
 a noisy two-iteration test does not switch a paying request off on its own.
 
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
-decoding); rows with a smaller K are masked within it (``DecodeState.draft_k_B``: masked
+decoding; in ``generate`` the chosen branch loops until another is needed, so that the
+KV caches are not copied through the switch every iteration); rows with a smaller K are
+masked within it (``DecodeState.draft_k_B``: masked
 nodes are not dispatched to experts, not counted, never accepted). While the batch
 decodes plainly the draft model does not run; its cache catches up over the skipped
 tokens (one window forward) when drafting resumes.
@@ -186,6 +198,60 @@ def rate_upper(s: float, f: float, z: float = RATE_Z) -> float:
     return float(min(1.0, (centre + half) / (1 + z2 / n)))
 
 
+def row_rates(counts) -> np.ndarray:
+    """Host side: per-row per-draft acceptance rates from tested rows' counts ``[R, 2]``
+    (accepted drafts S, rejecting iterations F; rows with none dropped), shrunk toward
+    the pooled rate by empirical Bayes: a row's raw ``S / (S + F)`` spreads by its
+    binomial noise ``p (1 - p) / n`` plus the true spread across prompts ``tau^2``
+    (method of moments: observed variance minus mean noise, floored at 0), and moves
+    toward the pooled ``p`` by ``noise / (tau^2 + noise)``. A short test's noise then
+    does not pass for rows that differ."""
+    c = np.asarray(counts, np.float64).reshape(-1, 2)
+    c = c[c.sum(axis=1) > 0]
+    n = c.sum(axis=1)
+    p = c[:, 0].sum() / n.sum()
+    x = c[:, 0] / n
+    noise = p * (1 - p) / n
+    tau2 = max(float(np.mean((x - p) ** 2) - np.mean(noise)), 0.0)
+    w = np.where(tau2 + noise > 0, tau2 / np.maximum(tau2 + noise, 1e-12), 0.0)
+    return p + w * (x - p)
+
+
+def batch_times(ucfg: UtilityConfig, cost_K, counts, max_new_B, upper: bool = True,
+                samples: int = 256, seed: int = 0) -> dict[int, float]:
+    """Host side: expected decode time of one static batch (``SpecDecoder.generate``:
+    rows do not refill) at each K = 0 and candidate, in plain decode steps:
+    ``cost(K) * E[max_r N_r(K)]`` (``cost_model.static_batch_iterations``), rows' rates
+    drawn from the remembered rows' :func:`row_rates` (``samples`` bootstrap batches of
+    ``len(max_new_B)`` rows). With ``upper`` every rate is raised by the gap between the
+    pooled rate's optimistic bound (:func:`rate_upper`) and the pooled rate.
+
+    The batch waits for its slowest row, so speculation must pay on the row that
+    accepts least, not on the mean: on the bundled pair at batch 10, K = 1 commits 1.65
+    tokens per iteration per row but the loop's 64 tokens take 42 iterations, 1.52 per
+    iteration."""
+    from moesd_jax.analysis.cost_model import static_batch_iterations
+
+    c = np.asarray(counts, np.float64).reshape(-1, 2)
+    rates = row_rates(c)
+    if upper:
+        s, f = c.sum(axis=0)
+        rates = np.clip(rates + rate_upper(s, f) - s / (s + f), 0.0, 1.0)
+    n = np.maximum(np.asarray(max_new_B, np.float64) - 1, 0)  # the first: from prefill
+    draw = np.random.default_rng(seed).choice(rates, (samples, len(n)))
+    cost = np.asarray(cost_K, np.float64)
+    return {k: float(cost[k]) * static_batch_iterations(draw, n, k, seed)
+            for k in ucfg.branch_ks}
+
+
+def batch_pays(ucfg: UtilityConfig, cost_K, counts, max_new_B, upper: bool = True,
+               margin: float = 0.0) -> bool:
+    """Host side: whether some candidate K would finish the static batch sooner than
+    plain decoding, by at least ``margin`` of plain decoding's time (:func:`batch_times`)."""
+    t = batch_times(ucfg, cost_K, counts, max_new_B, upper)
+    return min(t[k] for k in ucfg.candidates) < (1.0 - margin) * t[0]
+
+
 def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Controller:
     ka = ucfg.k_max + 1
     cost = jnp.asarray(cost_K, jnp.float32)
@@ -262,9 +328,58 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None) -> 
     return jnp.where(n > 0, util, jnp.where(a[None, :] == 0, 1.0, 0.0))
 
 
-def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
+def max_normal_mean(n: int) -> np.ndarray:
+    """float64 [n + 1]: ``E[max of m iid standard normals]`` for m = 0..n (0 for m <= 1),
+    by quadrature of ``m x phi(x) Phi(x)^(m - 1)``."""
+    from math import erf
+
+    x = np.linspace(-8.0, 8.0, 4001)
+    phi = np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    cdf = 0.5 * (1 + np.vectorize(erf)(x / np.sqrt(2)))
+    out = np.zeros(n + 1)
+    for m in range(2, n + 1):
+        out[m] = np.sum(x * m * phi * cdf ** (m - 1)) * (x[1] - x[0])
+    return out
+
+
+def static_batch_times(ucfg: UtilityConfig, tokens_BK, decide_B, sf_B2, cost_K,
+                       remaining_B, active_B) -> jax.Array:
+    """float32 [K_max + 1]: expected time, in plain decode steps, for the active rows of
+    a static batch (no refill: the loop ends with its slowest row) to finish at each K:
+    ``cost(K) (R / g + z_n sqrt(R v / g^3))``, R the most tokens an active row still
+    needs, g the mean over the deciding rows of their expected tokens per iteration
+    (``tokens_BK``), v the variance of one iteration's tokens at their pooled per-draft
+    rate (``cost_model.chain_token_moments``) and ``z_n`` the expected maximum of n
+    standard normals over the n active rows (renewal counts, normal approximation: the
+    host side's ``static_batch_iterations``). K = 0: R."""
+    ka = ucfg.k_max + 1
+    d = decide_B.astype(jnp.float32)
+    g = jnp.sum(tokens_BK * d[:, None], axis=0) / jnp.maximum(jnp.sum(d), 1.0)
+    s_f = jnp.sum(sf_B2 * d[:, None], axis=0)
+    p = s_f[0] / (s_f[0] + s_f[1] + 1.0)
+    j = jnp.arange(1, ka, dtype=jnp.float32)
+    pj = jnp.where(j[None, :] <= jnp.arange(ka)[:, None], p ** j[None, :], 0.0)  # [K, j]
+    ex = jnp.sum(pj, axis=1)
+    var = jnp.maximum(jnp.sum((2 * j - 1)[None, :] * pj, axis=1) - ex * ex, 0.0)
+    z = jnp.asarray(max_normal_mean(active_B.shape[0]), jnp.float32)
+    zn = jnp.take(z, jnp.sum(active_B.astype(jnp.int32)))
+    r = jnp.max(jnp.where(active_B, remaining_B, 0)).astype(jnp.float32)
+    g = jnp.maximum(g, 1.0)
+    t = cost_K * (r / g + zn * jnp.sqrt(r * var / g ** 3))
+    return t.at[0].set(r)
+
+
+def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B, remaining_B=None
+           ) -> Controller:
     """After one iteration: record the test's accepted counts; at a test's end, each row
-    that took part picks the best K (0 or a candidate) for the set phase and logs it."""
+    that took part picks the best K (0 or a candidate) for the set phase and logs it.
+
+    ``remaining_B`` (tokens each row still needs; ``generate``'s static batches, where
+    the loop runs until its slowest row is done): the batch's K is the one that would
+    finish the active rows soonest (:func:`static_batch_times`) and every deciding row
+    drafts it, since a row that decodes plainly while others draft pays the drafting
+    iteration anyway and becomes the batch's straggler. Without it (a server whose slots
+    refill), rows maximise tokens per cost as below."""
     testing = in_test(ucfg, c)
     ka = ucfg.k_max + 1
     add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
@@ -283,6 +398,11 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B) -> Controller:
     batch = jnp.sum(jnp.where(decide[:, None], tokens_BK, 0.0), axis=0) / c.cost_K
     cap = jnp.argmax(jnp.where(ok[0], batch, -1.0))
     best = jnp.minimum(own, cap)
+    if remaining_B is not None:
+        times = static_batch_times(ucfg, tokens_BK, decide, test_counts(hist, c.test_k),
+                                   c.cost_K, remaining_B, active_B)
+        cap = jnp.argmin(jnp.where(ok[0], times, jnp.inf))
+        best = jnp.broadcast_to(cap, own.shape)
     chosen = jnp.where(decide, best.astype(jnp.int32), c.chosen_B)
     rows = jnp.arange(active_B.shape[0])
     entry = jnp.stack([jnp.broadcast_to(c.iter.astype(jnp.float32), best.shape),

@@ -76,6 +76,79 @@ def test_utilities_from_a_histogram():
         utility.UtilityConfig(candidates=(4, 2)).validate()
 
 
+def test_static_batch_decides_one_k_for_its_finishing_time():
+    """``update`` with ``remaining_B`` (generate's static batches): every deciding row
+    drafts the K that finishes the active rows soonest (``static_batch_times``), not its
+    own best; K = 0's time is the most tokens a row still needs."""
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    cost = jnp.array([1.0, 1.2, 1.4, 1.6, 1.8])
+    active = jnp.array([True, True, False])
+    remaining = jnp.array([30, 40, 0])
+    for n_acc, want in (([4, 0, 1], 4), ([0, 0, 0], 0)):
+        c = utility.init(u, 3, cost, jnp.array([5, 5, 5])).replace(test_k=jnp.asarray(4))
+        for _ in range(2):
+            c = utility.update(u, c, active, jnp.array(n_acc), remaining)
+        # throughput rule: row 0 K = 4, row 1 its own best 0 (the test above); here both
+        assert np.asarray(c.chosen_B).tolist() == [want, want, -1], n_acc
+    hist = jnp.array([[0, 0, 0, 0, 2], [2, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    util = utility.utilities(u, hist, cost, 4)
+    decide = jnp.array([True, True, False])
+    sf = utility.test_counts(hist, 4)
+    t = np.asarray(utility.static_batch_times(u, util * cost[None, :], decide, sf, cost,
+                                              remaining, active))
+    assert t[0] == 40.0  # plain: the longest row's 40 tokens
+    # by hand: g(K) = mean over rows 0, 1 of 1 + min(a, K) = (2 + K) / 2, pooled rate
+    # p = 8 / (8 + 2 + 1), v(K) of 1 + min(G, K), z_2 = 1 / sqrt(pi)
+    p = 8 / 11
+    for k in (1, 2, 4):
+        g = (2 + k) / 2
+        ex = sum(p ** j for j in range(1, k + 1))
+        v = sum((2 * j - 1) * p ** j for j in range(1, k + 1)) - ex * ex
+        want = float(cost[k]) * (40 / g + np.sqrt(1 / np.pi) * np.sqrt(40 * v / g ** 3))
+        assert t[k] == pytest.approx(want, rel=1e-4), k
+    np.testing.assert_allclose(utility.max_normal_mean(3)[1:], [0, 1 / np.sqrt(np.pi),
+                                                                1.5 / np.sqrt(np.pi)],
+                               atol=1e-4)
+
+
+def test_batch_times_see_the_straggler():
+    """Host side: ``row_rates`` shrinks noise away (identical rows stay at the pooled
+    rate; rows that truly differ keep most of their spread); ``batch_times`` charges a
+    batch for its slowest row: a spread of rates, or more rows, makes drafting slower for
+    the same mean rate, and a Monte-Carlo run of the chain's renewal process agrees with
+    ``cost_model.static_batch_iterations``."""
+    from moesd_jax.analysis.cost_model import chain_token_moments, static_batch_iterations
+
+    same = [(6, 4)] * 8 + [(5, 5), (7, 3)] * 4  # binomial noise around 0.6 only
+    np.testing.assert_allclose(utility.row_rates(same), 0.6, atol=0.02)
+    spread = [(1, 9), (9, 1)] * 8 + [(0, 0)]  # 0.1 / 0.9 over 10 trials: real spread
+    r = utility.row_rates(spread)
+    assert r.shape == (16,) and r.min() < 0.2 and r.max() > 0.8
+    u = utility.UtilityConfig(candidates=(1, 2, 4))
+    ones = np.ones(5)
+    homog = [(50, 50)] * 16  # rate 0.5 for sure
+    t1 = utility.batch_times(u, ones, homog, [65], upper=False)
+    t10 = utility.batch_times(u, ones, homog, [65] * 10, upper=False)
+    assert t1[0] == t10[0] == 64
+    # one row: 64 tokens at 1 + 0.5 + 0.25 per iteration at K = 2
+    assert t1[2] == pytest.approx(64 / 1.75, rel=0.02)
+    assert all(t10[k] > t1[k] * 1.05 for k in (1, 2, 4))  # ten rows: the slowest
+    het = [(10, 90), (90, 10)] * 8  # the same pooled rate 0.5, spread across rows
+    th = utility.batch_times(u, ones, het, [65] * 10, upper=False)
+    assert all(th[k] > t10[k] * 1.2 for k in (1, 2, 4))
+    # the renewal model against simulating the chain: rows at rates 0.3..0.8, K = 2
+    rng = np.random.default_rng(1)
+    rates = np.linspace(0.3, 0.8, 6)
+    mu, var = chain_token_moments(rates, 2)
+    x = np.minimum(rng.geometric(1 - rates[None, :, None], (4000, 6, 40)) - 1, 2)
+    np.testing.assert_allclose(mu, 1 + x.mean(axis=(0, 2)), rtol=0.01)
+    np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=0.03)
+    iters = (np.cumsum(1 + x, axis=2) < 48).sum(axis=2) + 1  # iterations to commit 48
+    sim = iters.max(axis=1).mean()
+    model = static_batch_iterations(np.tile(rates, (512, 1)), [48] * 6, 2)
+    assert model == pytest.approx(sim, rel=0.03)
+
+
 def test_utilities_beyond_the_test_k_continue_geometrically():
     """A test at K_t = 1 measures K <= 1; rows that accepted every draft continue with
     the test's acceptance rate p = S / (S + F + 1) beyond it."""
@@ -220,29 +293,47 @@ def test_decoder_k_auto(setup):
 
 
 def test_decoder_k_auto_remembers_rates_across_calls(setup):
-    """Across generate calls (one batch size): the tests' acceptance rates are
-    remembered; while no K would pay even at their optimistic bound, calls decode
-    plainly without testing, except every ``auto_explore_every``-th, which runs the
-    controller (and refreshes the memory). Every call == AR."""
-    from moesd_jax.analysis.cost_model import expected_tokens
-
+    """Across generate calls (one batch size): the tests' per-row acceptance counts are
+    remembered; while no K would finish the static batch sooner than plain decoding at
+    their optimistic bound (``utility.batch_pays``), calls decode plainly without
+    testing, except every ``auto_explore_every``-th, which runs the controller (and
+    refreshes the memory). Every call == AR."""
     dec0, prompts, ar = setup
     dec = SpecDecoder(nnx_merge(dec0.target), nnx_merge(dec0.draft),
                       SpecConfig(method="draft", k=4, auto=True, auto_set_iters=4,
                                  auto_explore_every=3), max_len=64)
     n = len(prompts)
     dec._costs[(n, False)] = np.asarray([1.0, 1.3, 1.6, 1.9, 2.2], np.float32)
+    # warm_up compiles both programs (the controller's, its plain twin) and remembers
+    # nothing; no later call below compiles again
+    dec.warm_up(prompts, 20)
+    assert dec.trace_count == 2 and not dec._auto_rates and not dec._auto_plain
     assert dec.auto_rate(n) is None
     first = dec.generate(prompts, 20)
     assert all(r.stats["utility"] for r in first)
     rate, upper = dec.auto_rate(n), dec.auto_rate(n, upper=True)
     assert rate is not None and 0.0 <= rate < upper <= 1.0
-    # costs at which some K pays at the optimistic bound: the controller runs again
-    costs = [1.0] + [expected_tokens(max(upper - 0.02, 0.0), k) for k in (1, 2, 3, 4)]
-    dec._costs[(n, False)] = np.asarray(costs, np.float32)
+    mem = list(dec._auto_rates[n])
+    assert len(mem) == n
+    # the batch's expected iterations at each K (costs 1): break-even costs it(0) / it(K)
+    it = utility.batch_times(dec.cfg.utility, np.ones(5), mem, [20] * n)
+    even = [1.0] + [it[0] / it.get(k, it[4]) for k in (1, 2, 3, 4)]
+    # costs at which some K pays, with the margin, at the optimistic bound: the
+    # controller runs again
+    m = dec.spec.auto_margin
+    assert m == 0.05
+    dec._costs[(n, False)] = np.asarray([1.0] + [0.99 * (1 - m) * c for c in even[1:]],
+                                        np.float32)
     assert dec.call_config([len(p) for p in prompts], [20] * n).utility is not None
+    # at the point estimate (upper=False) those costs need not pay: the bound is optimistic
+    assert (utility.batch_times(dec.cfg.utility, np.ones(5), mem, [20] * n,
+                                upper=False)[4] >= it[4])
+    # ... but not by the margin: plain decoding
+    dec._costs[(n, False)] = np.asarray([1.0] + [1.01 * (1 - m) * c for c in even[1:]],
+                                        np.float32)
+    assert dec.call_config([len(p) for p in prompts], [20] * n).utility is None
     # costs at which every K could pay only above the bound
-    costs = [1.0] + [expected_tokens(min(upper + 0.02, 1.0), k) + 0.01 for k in (1, 2, 3, 4)]
+    costs = [1.0] + [1.03 * c for c in even[1:]]
     assert all(1 + k > costs[k] for k in (1, 2, 4))  # viable with every draft accepted
     dec._costs[(n, False)] = np.asarray(costs, np.float32)
     ran = []
@@ -251,6 +342,7 @@ def test_decoder_k_auto_remembers_rates_across_calls(setup):
         assert [r.token_ids for r in res] == ar
         ran.append(any(r.stats["utility"] for r in res))
     assert ran == [False, False, True, False, False, True]
+    assert dec.trace_count == 2
     # auto_explore_every = 0: no memory, the controller runs every call
     dec.spec = dataclasses.replace(dec.spec, auto_explore_every=0)
     assert dec.call_config([len(p) for p in prompts], [20] * n).utility is not None
