@@ -346,7 +346,7 @@ class SpecDecoder:
         never test: same tokens, none of the auto program's per-iteration overhead), and
         so do calls while the tests' recent acceptance rates say no K would pay
         (``SpecConfig.auto_explore_every``); its cache is sized for plain decoding."""
-        if self.cfg.utility is None or self._auto_choice(max_new) == "auto":
+        if self.cfg.utility is None or self._auto_choice(max_new, prompt_lens) == "auto":
             return self.loop_config(prompt_lens, max_new)
         return self.loop_config(prompt_lens, max_new, self.cfg.plain())
 
@@ -367,7 +367,7 @@ class SpecDecoder:
             return None
         return spec_utility.rate_upper(s, f) if upper else float(s / (s + f))
 
-    def _auto_choice(self, max_new: Sequence[int]) -> str:
+    def _auto_choice(self, max_new: Sequence[int], prompt_lens: Sequence[int]) -> str:
         """``never``: no candidate K could pay at this batch's costs even with every draft
         accepted; ``recent``: none would finish this static batch (one row per
         ``max_new``) sooner than plain decoding by ``SpecConfig.auto_margin`` at the
@@ -375,7 +375,7 @@ class SpecDecoder:
         (``utility.batch_pays``), and the next exploring call is not due; else ``auto``
         (run the controller)."""
         rows = self._auto_rows(len(max_new))
-        costs = self.utility_costs(rows)
+        costs = self.utility_costs(rows, shape=(max(prompt_lens), max(max_new)))
         if not spec_utility.pays_at(self.cfg.utility, costs):
             return "never"
         mem = self._auto_rates.get(rows)
@@ -391,12 +391,16 @@ class SpecDecoder:
         """Rows of a compiled batch are a multiple of this (the mesh's ``batch`` axis)."""
         return 1 if self.plan is None else self.plan.size("batch")
 
-    def utility_costs(self, batch: int, per_call: bool = False) -> np.ndarray:
+    def utility_costs(self, batch: int, per_call: bool = False,
+                      shape: tuple[int, int] | None = None) -> np.ndarray:
         """Iteration costs cost(K), K = 0..K_max, for ``--k auto`` at ``batch`` rows
         (``spec/utility.py``): decode iterations timed on this device the first time a
         batch size is seen (``auto_costs: measured``; inside the generate loop, or with
         ``per_call`` as separately dispatched steps, as the server runs them) or the cost
-        model (``model``); cached."""
+        model (``model``); cached. ``shape`` (prompt length, new tokens): the calls'
+        shape to time at, the first call's (the ratios move with the context: on the
+        bundled pair at batch 10, cost(1) is 1.5 at 16-token prompts and 48 new tokens,
+        1.9 at 64 and 68); default (16, 48)."""
         key = (batch, per_call)
         if key not in self._costs:
             k_max = self.cfg.k
@@ -409,28 +413,37 @@ class SpecDecoder:
                                           preset(self.spec.auto_hardware), batch, k_max,
                                           draft_cfg)
             else:
-                c = self._timed_iteration_costs(batch, per_call)
+                c = self._timed_iteration_costs(batch, per_call, shape)
             self._costs[key] = c
         return self._costs[key]
 
-    def _timed_iteration_costs(self, batch: int, per_call: bool, steps: int = 8) -> np.ndarray:
+    def _timed_iteration_costs(self, batch: int, per_call: bool,
+                               shape: tuple[int, int] | None = None, steps: int = 8
+                               ) -> np.ndarray:
         """cost(K) from whole iterations timed on this device at ``batch`` rows, for each
         branch K of the utility program (0 = plain decoding), over the K = 0 iteration; Ks
         between branches interpolated. Whole iterations, not forwards: the drafter's
         levels, sampling, acceptance and commit are part of what speculation costs. With
         ``per_call`` each iteration is one dispatched ``loop.step`` (the server); else the
-        per-iteration time inside the generate loop (two generate lengths, one program)."""
+        per-iteration time inside the generate loop (two generate lengths, one program).
+        Random prompts of ``shape``'s length, and its new tokens (at least ``steps``
+        iterations of K_max, at most 128 tokens: the context, not the length, moves the
+        ratios)."""
         import time
 
         from moesd_jax.spec.loop import prefill, step
 
         u = self.cfg.utility
         rng = np.random.default_rng(0)
-        prompts = rng.integers(1, self.cfg.vocab, (batch, 16)).tolist()
-        max_new = steps * (u.k_max + 1) + 8
+        plen, new = shape or (16, 0)
+        plen = max(min(plen, self.cfg.max_len // 2), 1)
+        max_new = min(max(new, steps * (u.k_max + 1) + 8), 128,
+                      self.cfg.max_len - plen - u.k_max - 1)
+        prompts = rng.integers(1, self.cfg.vocab, (batch, plen)).tolist()
         prepared = self.prepare(prompts, max_new, stop_token_ids=[])
-        base = self.loop_config([16] * batch, [max_new] * batch)
-        ref = ((jnp.asarray(np.concatenate([np.asarray(prompts)] * 8, axis=1)),)
+        base = self.loop_config([plen] * batch, [max_new] * batch)
+        reps = -(-(plen + max_new + u.k_max + 2) // plen)  # covers every position read
+        ref = ((jnp.asarray(np.tile(np.asarray(prompts), (1, reps))),)
                if self.cfg.method == "oracle" else ())
         times = {}
         cfgs = {k: base.plain() if k == 0 else dataclasses.replace(base, utility=None, k=k,
@@ -481,7 +494,7 @@ class SpecDecoder:
                 t0 = time.perf_counter()
                 run(cfg, tuple(short))
                 t_pre[k].append(time.perf_counter() - t0)
-        return {k: max(float(np.median(t_full[k]) - np.median(t_pre[k])), 1e-9) / iters[k]
+        return {k: max(float(np.min(t_full[k]) - np.min(t_pre[k])), 1e-9) / iters[k]
                 for k in cfgs}
 
     def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
@@ -524,6 +537,7 @@ class SpecDecoder:
         cfgs = [self.loop_config(lens, new)]
         if self.cfg.utility is not None:
             cfgs.append(self.loop_config(lens, new, self.cfg.plain()))
+            self.utility_costs(self._auto_rows(len(prompts)), shape=(max(lens), max_new_tokens))
         for cfg in cfgs:
             if self.cfg.method == "oracle" and cfg.method != "none":
                 continue  # needs an oracle reference: generate's own first call compiles it

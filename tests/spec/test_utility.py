@@ -435,3 +435,16 @@ def test_prior_sets_the_test_k_and_shrinks_short_tests():
     np.testing.assert_allclose(shrunk, want, rtol=1e-5)
     np.testing.assert_allclose(utility.utilities(u, hist, cost, 4, jnp.float32(-1.0)), plain)
     np.testing.assert_allclose(utility.test_counts(hist, 4), [[8, 0], [1, 2]])
+
+
+def test_measured_costs_at_the_calls_shape():
+    """``auto_costs: measured``: cost(K) from generate loops timed at the first call's
+    shape (its longest prompt and new tokens; here a 1-token prompt, which the oracle's
+    reference must still cover), K = 0 the unit, Ks between branches interpolated,
+    cached per batch size."""
+    dec = SpecDecoder(build(moe_cfg()), spec=SpecConfig(method="oracle", k=4, auto=True,
+                                                        auto_candidates=(1, 4)), max_len=64)
+    c = dec.utility_costs(2, shape=(1, 20))
+    assert c.shape == (5,) and c[0] == 1.0 and (c > 0).all()
+    np.testing.assert_allclose(c[2:4], np.interp([2, 3], [1, 4], [c[1], c[4]]), rtol=1e-5)
+    assert dec.utility_costs(2) is c  # cached: later calls' shapes do not re-time
