@@ -471,8 +471,10 @@ class SpecDecoder:
                               repeats: int = 5) -> dict:
         """Seconds per iteration of each config's generate loop: (t(all new tokens) -
         t(prefill only)) / iterations, one compiled program per config; the configs are
-        timed in turn, ``repeats`` rounds, medians (a slow spell of the machine lands on
-        one round of every config, not on one config)."""
+        timed in turn, ``repeats`` rounds (a slow spell of the machine lands on one round
+        of every config, not on one config), each time the fastest round's: the noise
+        here is bursts of interference that only add (with medians the bundled pair's
+        cost(1) at batch 10 ranged 1.36-1.69 over nine bench runs)."""
         import time
 
         short = list(prepared)
