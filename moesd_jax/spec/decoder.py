@@ -474,7 +474,7 @@ class SpecDecoder:
         timed in turn, ``repeats`` rounds (a slow spell of the machine lands on one round
         of every config, not on one config), each time the fastest round's: the noise
         here is bursts of interference that only add (with medians the bundled pair's
-        cost(1) at batch 10 ranged 1.36-1.69 over nine bench runs)."""
+        cost(1) at batch 10 ranged 1.36-1.69 over 13 warm-ups)."""
         import time
 
         short = list(prepared)
