@@ -78,9 +78,8 @@ def utility_sweep(target, draft, method: str, loads: dict[str, list[list[int]]],
                 kw["oracle_reference"] = [p + t for p, t in zip(bt, ref[id(bt)])]
             return dec.generate(bt, max_new, **kw)
 
-        for c in order:  # every program a config may run (auto: its plain twin too)
-            if c == "auto":
-                decs[c].warm_up(batches[0], max_new)
+        if "auto" in decs:  # its plain twin too: calls the gate sends to plain run it
+            decs["auto"].warm_up(batches[0], max_new)
         runs = time_interleaved(decs, batches, gen)
         ar = runs["none"]
         wrows = []

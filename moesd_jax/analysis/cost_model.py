@@ -687,16 +687,18 @@ def expected_tokens(acceptance: float | Sequence[float], k: int) -> float:
     return sigma
 
 
-def chain_token_moments(rate, k: int) -> tuple[np.ndarray, np.ndarray]:
+def chain_token_moments(rate, k: int, xp=np) -> tuple:
     """Mean and variance of the tokens one chain iteration of ``k`` drafts commits when
     each draft is accepted with probability ``rate`` given the previous ones (array
     rates broadcast): tokens = 1 + X, ``X = min(G, k)``, ``P(X >= j) = rate^j``; mean
-    :func:`expected_tokens`, ``E[X^2] = sum_{j <= k} (2j - 1) rate^j``."""
-    p = np.clip(np.asarray(rate, np.float64), 0.0, 1.0)
-    j = np.arange(1, k + 1, dtype=np.float64)
+    :func:`expected_tokens`, ``E[X^2] = sum_{j <= k} (2j - 1) rate^j``. ``xp``: numpy
+    (float64) or ``jax.numpy`` (float32, inside the decode loop's controller)."""
+    dt = xp.float64 if xp is np else xp.float32
+    p = xp.clip(xp.asarray(rate, dt), 0.0, 1.0)
+    j = xp.arange(1, k + 1, dtype=dt)
     pj = p[..., None] ** j
-    ex = np.sum(pj, axis=-1)
-    return 1.0 + ex, np.maximum(np.sum((2 * j - 1) * pj, axis=-1) - ex * ex, 0.0)
+    ex = xp.sum(pj, axis=-1)
+    return 1.0 + ex, xp.maximum(xp.sum((2 * j - 1) * pj, axis=-1) - ex * ex, 0.0)
 
 
 def static_batch_iterations(rates_SB, new_tokens_B, k: int, seed: int = 0) -> float:

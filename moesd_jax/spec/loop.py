@@ -383,8 +383,9 @@ def step(cfg: LoopConfig, target, draft, s: DecodeState, static_batch: bool = Fa
         one = functools.partial(iteration, k)
         if not static_batch:
             return one
+        # on entry the condition holds (the outer loop's, and the switch chose i)
         return lambda s: jax.lax.while_loop(
-            lambda s: jnp.any(~s.done_B) & (branch_of(s) == i), one, one(s))
+            lambda s: jnp.any(~s.done_B) & (branch_of(s) == i), one, s)
 
     return jax.lax.switch(branch_of(s), [run(i, k) for i, k in enumerate(u.branch_ks)], s)
 

@@ -352,15 +352,13 @@ def static_batch_times(ucfg: UtilityConfig, tokens_BK, decide_B, sf_B2, cost_K,
     rate (``cost_model.chain_token_moments``) and ``z_n`` the expected maximum of n
     standard normals over the n active rows (renewal counts, normal approximation: the
     host side's ``static_batch_iterations``). K = 0: R."""
-    ka = ucfg.k_max + 1
+    from moesd_jax.analysis.cost_model import chain_token_moments
+
     d = decide_B.astype(jnp.float32)
     g = jnp.sum(tokens_BK * d[:, None], axis=0) / jnp.maximum(jnp.sum(d), 1.0)
     s_f = jnp.sum(sf_B2 * d[:, None], axis=0)
     p = s_f[0] / (s_f[0] + s_f[1] + 1.0)
-    j = jnp.arange(1, ka, dtype=jnp.float32)
-    pj = jnp.where(j[None, :] <= jnp.arange(ka)[:, None], p ** j[None, :], 0.0)  # [K, j]
-    ex = jnp.sum(pj, axis=1)
-    var = jnp.maximum(jnp.sum((2 * j - 1)[None, :] * pj, axis=1) - ex * ex, 0.0)
+    var = jnp.stack([chain_token_moments(p, k, jnp)[1] for k in range(ucfg.k_max + 1)])
     z = jnp.asarray(max_normal_mean(active_B.shape[0]), jnp.float32)
     zn = jnp.take(z, jnp.sum(active_B.astype(jnp.int32)))
     r = jnp.max(jnp.where(active_B, remaining_B, 0)).astype(jnp.float32)
