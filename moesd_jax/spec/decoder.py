@@ -502,13 +502,16 @@ class SpecDecoder:
     def _extra_args(self, cfg: LoopConfig, prepared: tuple, rows: int) -> tuple:
         """Trailing ``prefill`` arguments past the per-row arrays: with ``cfg.utility``,
         (oracle reference or None, no fixed per-row limits, the iteration costs, the
-        recent calls' acceptance rate as the controller's prior or -1)."""
+        recent calls' acceptance rate as the controller's prior or -1, and its weight,
+        ``utility.prior_weight``)."""
         if cfg.utility is None:
             return ()
         ref = () if len(prepared) > 8 else (None,)
-        rate = self.auto_rate(rows)
+        rate, mem = self.auto_rate(rows), self._auto_rates.get(self._auto_rows(rows))
+        weight = (spec_utility.PRIOR_ITERS if rate is None
+                  else spec_utility.prior_weight(list(mem), cfg.utility.k_max))
         return ref + (None, jnp.asarray(self.utility_costs(rows)),
-                      jnp.float32(-1.0 if rate is None else rate))
+                      jnp.float32(-1.0 if rate is None else rate), jnp.float32(weight))
 
     def generate_state(self, *prepared, cfg: LoopConfig | None = None) -> DecodeState:
         """Runs prefill + the whole decode loop on ``prepare``'s arrays (one device call).

@@ -186,7 +186,7 @@ def _num_moe_layers(graphdef, state) -> int:
 def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
             temperature_B, top_k_B, top_p_B, seed_B, stop_ids_BP,
             ref_tokens_BM=None, draft_k_B=None, utility_cost_K=None,
-            utility_prior=None) -> DecodeState:
+            utility_prior=None, utility_prior_weight=None) -> DecodeState:
     """Runs the prompts through the target (and the proposer) and samples the first token.
 
     Args:
@@ -204,7 +204,8 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
       utility_cost_K: float32 [K_max + 1] iteration costs for ``cfg.utility``
         (``SpecDecoder.utility_costs``: timed or ``cost_model.model_iteration_costs``).
       utility_prior: float32 [] per-draft acceptance rate expected before testing (the
-        decoder's recent calls'; < 0 or None: none), ``spec.utility.init``'s ``prior``.
+        decoder's recent calls'; < 0 or None: none), ``spec.utility.init``'s ``prior``;
+      utility_prior_weight: float32 [] its weight in test iterations (``prior_weight``).
     """
     b, p = prompts_BT.shape
     n = cfg.max_len
@@ -252,7 +253,7 @@ def prefill(cfg: LoopConfig, target, draft, prompts_BT, prompt_len_B, max_new_B,
                        else None if draft_k_B is None else draft_k_B.astype(jnp.int32),
                        None if cfg.utility is None else
                        spec_utility.init(cfg.utility, b, utility_cost_K, seq_len,
-                                         utility_prior))
+                                         utility_prior, utility_prior_weight))
 
 
 def _is_stop(tok, stop_ids_BP):

@@ -51,8 +51,12 @@ decode plainly without testing, except every ``SpecConfig.auto_explore_every``-t
 runs the controller and refreshes the memory (a request's own test costs what a short
 request gains at best).
 Where one would, the rate is the controller's *prior*: tests draft the candidate it
-favours, and each test's expected tokens are shrunk toward it (``PRIOR_ITERS``), so that
-a noisy two-iteration test does not switch a paying request off on its own.
+favours, and each test's expected tokens are shrunk toward it, so that a noisy
+two-iteration test does not switch a paying request off on its own. The prior weighs
+what the remembered rows say it is worth (:func:`prior_weight`): where they accept
+alike (a small spread ``tau^2`` across rows beyond their binomial noise), a new row is
+most likely at the pooled rate and a test moves it little; where they differ (a mix of
+workloads), the test decides.
 
 **In the loop** (``loop.step``): each iteration runs the step of the largest K any active
 row needs (a ``lax.switch`` over the candidates' static chains, K = 0 being plain
@@ -132,8 +136,9 @@ class Controller:
     accepted drafts and the rejecting iterations its tests counted so far (the per-draft
     acceptance rate is S / (S + F)). ``prior`` is a per-draft acceptance rate expected
     before testing (the recent calls' rate, -1: none): each test's expected tokens are
-    shrunk toward it by ``PRIOR_ITERS`` pseudo-iterations, and tests draft ``base_k`` (the
-    candidate the prior favours, else the largest viable one) when the batch chose 0.
+    shrunk toward it by ``prior_w`` pseudo-iterations (:func:`prior_weight`), and tests
+    draft ``base_k`` (the candidate the prior favours, else the largest viable one) when
+    the batch chose 0.
     """
 
     cost_K: jax.Array
@@ -150,11 +155,13 @@ class Controller:
     test_k: jax.Array
     prior: jax.Array
     base_k: jax.Array
+    prior_w: jax.Array
 
 
 RATE_Z = 1.645  # rate_upper: one-sided 95% (the plain-or-test gate across calls)
 NEVER = 2**30  # a set phase that never ends: no candidate can pay, so never test
-PRIOR_ITERS = 2.0  # weight of the prior in a test's expected tokens, in test iterations
+PRIOR_ITERS = 2.0  # the prior's weight in a test's expected tokens per remembered row
+PRIOR_MAX_ITERS = 32.0  # ... and at most, in test iterations (prior_weight)
 
 
 def prior_tokens(prior, ka: int) -> jax.Array:
@@ -198,23 +205,47 @@ def rate_upper(s: float, f: float, z: float = RATE_Z) -> float:
     return float(min(1.0, (centre + half) / (1 + z2 / n)))
 
 
-def row_rates(counts) -> np.ndarray:
-    """Host side: per-row per-draft acceptance rates from tested rows' counts ``[R, 2]``
-    (accepted drafts S, rejecting iterations F; rows with none dropped), shrunk toward
-    the pooled rate by empirical Bayes: a row's raw ``S / (S + F)`` spreads by its
-    binomial noise ``p (1 - p) / n`` plus the true spread across prompts ``tau^2``
-    (method of moments: observed variance minus mean noise, floored at 0), and moves
-    toward the pooled ``p`` by ``noise / (tau^2 + noise)``. A short test's noise then
-    does not pass for rows that differ."""
+def _spread(counts):
+    """Tested rows' counts ``[R, 2]`` (rows with none dropped) -> (pooled rate p, the rows'
+    raw rates, their binomial noise ``p (1 - p) / n``, the spread across rows ``tau^2``
+    by the method of moments: observed variance minus mean noise, floored at 0)."""
     c = np.asarray(counts, np.float64).reshape(-1, 2)
     c = c[c.sum(axis=1) > 0]
     n = c.sum(axis=1)
     p = c[:, 0].sum() / n.sum()
     x = c[:, 0] / n
     noise = p * (1 - p) / n
-    tau2 = max(float(np.mean((x - p) ** 2) - np.mean(noise)), 0.0)
+    return p, x, noise, max(float(np.mean((x - p) ** 2) - np.mean(noise)), 0.0)
+
+
+def row_rates(counts) -> np.ndarray:
+    """Host side: per-row per-draft acceptance rates from tested rows' counts ``[R, 2]``
+    (accepted drafts S, rejecting iterations F; rows with none dropped), shrunk toward
+    the pooled rate by empirical Bayes: a row's raw ``S / (S + F)`` spreads by its
+    binomial noise ``p (1 - p) / n`` plus the true spread across prompts ``tau^2``, and
+    moves toward the pooled ``p`` by ``noise / (tau^2 + noise)``. A short test's noise
+    then does not pass for rows that differ."""
+    p, x, noise, tau2 = _spread(counts)
     w = np.where(tau2 + noise > 0, tau2 / np.maximum(tau2 + noise, 1e-12), 0.0)
     return p + w * (x - p)
+
+
+def prior_weight(counts, k: int) -> float:
+    """Host side: the pooled rate's weight as the controller's prior, in test iterations
+    at ``k`` drafts, from tested rows' counts ``[R, 2]``. A new row's rate is drawn from
+    the rows' spread ``tau^2`` around the pooled ``p`` (:func:`row_rates`), which is
+    worth ``p (1 - p) / tau^2`` Bernoulli trials of its own, and an iteration at ``k``
+    drafts counts ``p + .. + p^k`` accepted drafts plus ``1 - p^k`` rejecting ones.
+    Bounded below by ``PRIOR_ITERS`` and above by ``PRIOR_ITERS`` per remembered row (a
+    spread estimated from a few rows is no evidence that they accept alike) and
+    ``PRIOR_MAX_ITERS`` (tests still see a request that differs)."""
+    p, x, _, tau2 = _spread(counts)
+    hi = min(PRIOR_MAX_ITERS, PRIOR_ITERS * len(x))
+    if tau2 <= 0:
+        return float(max(hi, PRIOR_ITERS))
+    pk = p ** np.arange(1, k + 1)
+    trials = float(pk.sum() + 1.0 - pk[-1])
+    return float(np.clip(p * (1 - p) / tau2 / trials, PRIOR_ITERS, max(hi, PRIOR_ITERS)))
 
 
 def batch_times(ucfg: UtilityConfig, cost_K, counts, max_new_B, upper: bool = True,
@@ -252,12 +283,17 @@ def batch_pays(ucfg: UtilityConfig, cost_K, counts, max_new_B, upper: bool = Tru
     return min(t[k] for k in ucfg.candidates) < (1.0 - margin) * t[0]
 
 
-def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Controller:
+def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None,
+         prior_weight=None) -> Controller:
+    """The controller at prefill. ``prior``: the expected per-draft acceptance rate (-1 or
+    None: none); ``prior_weight``: its weight in test iterations (:func:`prior_weight`;
+    default ``PRIOR_ITERS``)."""
     ka = ucfg.k_max + 1
     cost = jnp.asarray(cost_K, jnp.float32)
     if cost.shape != (ka,):
         raise ValueError(f"cost_K has shape {cost.shape}; need ({ka},) for K = 0..{ka - 1}")
     prior = jnp.asarray(-1.0 if prior is None else prior, jnp.float32)
+    prior_w = jnp.asarray(PRIOR_ITERS if prior_weight is None else prior_weight, jnp.float32)
     k0 = first_viable(ucfg, cost)
     never = k0 == 0  # skip the test phase for good; every row at K = 0
     ks = jnp.asarray(ucfg.candidates, jnp.int32)
@@ -273,7 +309,8 @@ def init(ucfg: UtilityConfig, batch: int, cost_K, seq_len_B, prior=None) -> Cont
                       jnp.asarray(seq_len_B, jnp.int32), jnp.zeros((batch, 2), jnp.float32),
                       jnp.where(never, ucfg.test_iters, 0).astype(jnp.int32),
                       jnp.where(never, NEVER, ucfg.set_iters).astype(jnp.int32), base, prior,
-                      jnp.copy(base))  # two buffers: a state that is donated holds both
+                      jnp.copy(base),  # two buffers: a state that is donated holds both
+                      prior_w)
 
 
 def in_test(ucfg: UtilityConfig, c: Controller) -> jax.Array:
@@ -294,7 +331,8 @@ def test_counts(hist_BA, test_k) -> jax.Array:
                       jnp.sum(jnp.where(a[None, :] < test_k, h, 0.0), axis=1)], axis=1)
 
 
-def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None) -> jax.Array:
+def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None,
+              prior_w=PRIOR_ITERS) -> jax.Array:
     """float32 [B, K_max + 1]: utility(K) for K = 0..K_max from a test's histogram of
     accepted drafts at ``test_k`` drafts (default K_max) per iteration (rows with no test
     iterations: utility(0) = 1, others 0).
@@ -304,8 +342,9 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None) -> 
     ``p + p^2 + ...``, ``p = S / (S + F + 1)`` the per-draft acceptance rate of the test
     (S accepted drafts, F iterations that rejected one; the +1 keeps a short perfect test
     from promising certainty). With a ``prior`` rate (>= 0) the expected tokens are then
-    ``(n * measured + PRIOR_ITERS * prior_tokens) / (n + PRIOR_ITERS)`` over the test's n
-    iterations: a two-iteration test moves a good prior but does not overturn it alone.
+    ``(n * measured + w * prior_tokens) / (n + w)`` over the test's n iterations, ``w`` =
+    ``prior_w`` (:func:`prior_weight`): a two-iteration test moves a good prior but does
+    not overturn it alone.
     """
     ka = ucfg.k_max + 1
     test_k = ucfg.k_max if test_k is None else test_k
@@ -322,8 +361,7 @@ def utilities(ucfg: UtilityConfig, hist_BA, cost_K, test_k=None, prior=None) -> 
     tokens = tokens + jnp.where(a[None, :] > test_k, full[:, None] * beyond, 0.0)
     if prior is not None:
         pt = prior_tokens(prior, ka)[None, :]
-        tokens = jnp.where(prior >= 0, (n * tokens + PRIOR_ITERS * pt) / (n + PRIOR_ITERS),
-                           tokens)
+        tokens = jnp.where(prior >= 0, (n * tokens + prior_w * pt) / (n + prior_w), tokens)
     util = tokens / cost_K[None, :]
     return jnp.where(n > 0, util, jnp.where(a[None, :] == 0, 1.0, 0.0))
 
@@ -383,7 +421,7 @@ def update(ucfg: UtilityConfig, c: Controller, active_B, n_acc_B, remaining_B=No
     add = (testing & active_B)[:, None] & (jnp.arange(ka)[None, :] == n_acc_B[:, None])
     hist = c.hist_BA + add.astype(jnp.int32)
     last = testing & (c.phase_iter == ucfg.test_iters - 1)
-    util = utilities(ucfg, hist, c.cost_K, c.test_k, c.prior)
+    util = utilities(ucfg, hist, c.cost_K, c.test_k, c.prior, c.prior_w)
     allowed = np.zeros(ka, bool)
     allowed[list(ucfg.branch_ks)] = True
     ok = jnp.asarray(allowed)[None, :]

@@ -417,7 +417,7 @@ def test_plain_calls_size_the_cache_for_plain_decoding():
 def test_prior_sets_the_test_k_and_shrinks_short_tests():
     """A prior acceptance rate (the decoder's recent calls'): tests draft the candidate it
     favours instead of the smallest viable one, and a test's expected tokens are
-    ``(n * measured + PRIOR_ITERS * prior_tokens) / (n + PRIOR_ITERS)``."""
+    ``(n * measured + w * prior_tokens) / (n + w)``, w = ``PRIOR_ITERS`` by default."""
     u = utility.UtilityConfig(candidates=(1, 2, 4))
     cost = jnp.asarray([1.0, 1.9, 2.3, 2.9, 3.5], jnp.float32)
     np.testing.assert_allclose(utility.prior_tokens(0.8, 5), [1, 1.8, 2.44, 2.952, 3.3616],
@@ -435,6 +435,28 @@ def test_prior_sets_the_test_k_and_shrinks_short_tests():
     np.testing.assert_allclose(shrunk, want, rtol=1e-5)
     np.testing.assert_allclose(utility.utilities(u, hist, cost, 4, jnp.float32(-1.0)), plain)
     np.testing.assert_allclose(utility.test_counts(hist, 4), [[8, 0], [1, 2]])
+    heavy = utility.utilities(u, hist, cost, 4, jnp.float32(0.8), jnp.float32(30.0))
+    want = (2 * measured + 30 * utility.prior_tokens(0.8, 5)[None, :]) / 32 / cost[None, :]
+    np.testing.assert_allclose(heavy, want, rtol=1e-5)
+    assert float(utility.init(u, 2, cost, seq, 0.8, 30.0).prior_w) == 30.0
+
+
+def test_prior_weight_follows_the_rows_spread():
+    """``prior_weight``: rows that accept alike (binomial noise only) make the pooled rate
+    a heavy prior, up to ``PRIOR_ITERS`` per row and ``PRIOR_MAX_ITERS``; rows that truly
+    differ leave ``PRIOR_ITERS``; in between, ``p (1 - p) / tau^2`` trials over the
+    trials of one iteration at K."""
+    same = [(8, 2)] * 40  # every row at 0.8 exactly: no spread
+    assert utility.prior_weight(same, 4) == utility.PRIOR_MAX_ITERS
+    assert utility.prior_weight(same[:3], 4) == 3 * utility.PRIOR_ITERS  # three rows
+    assert utility.prior_weight(same[:1], 4) == utility.PRIOR_ITERS
+    assert utility.prior_weight([(1, 9), (9, 1)] * 8, 4) == utility.PRIOR_ITERS
+    rng = np.random.default_rng(0)
+    rates = np.clip(rng.normal(0.6, 0.1, 400), 0, 1)  # tau = 0.1
+    s = rng.binomial(400, rates)
+    rows = np.stack([s, 400 - s], axis=1)
+    trials = 0.6 + 0.36 + 1 - 0.36  # one iteration at K = 2, p = 0.6
+    assert utility.prior_weight(rows, 2) == pytest.approx(0.24 / 0.01 / trials, rel=0.25)
 
 
 def test_measured_costs_at_the_calls_shape():
