@@ -111,27 +111,36 @@ def make_model(cfg: ModelConfig, seed: int = 0):
     return nnx.split(model)
 
 
-def forward_time(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
-                 capacity: int, repeats: int = 5) -> tuple[float, np.ndarray | None]:
-    """Median seconds of one forward of T tokens per row after ``context`` cached ones,
-    and its routing trace."""
+def forward_runner(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
+                   capacity: int):
+    """A compiled forward of T tokens per row after ``context`` cached ones, run once (the
+    compile) -> (``time(repeats)``: the median seconds of that many more forwards, its
+    routing trace)."""
     cache = KVCache.init(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.dh)
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
     toks = jax.random.randint(jax.random.PRNGKey(t), (batch, t), 0, cfg.vocab_size)
     pos = context + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (batch, t))
     fn = jax.jit(lambda s, c: apply(graphdef, s, toks, pos, c, return_routing=True),
                  donate_argnums=1)
-    out = None
-    ts = []
-    for i in range(repeats + 1):
+
+    def once():
         c = jax.tree.map(jnp.copy, cache)
         jax.block_until_ready(c)
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(state, c))
-        if i:
-            ts.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0, out
+
+    out = once()[1]
     rt = None if out[2] is None else np.asarray(out[2])
-    return statistics.median(ts), rt
+    return (lambda repeats: statistics.median(once()[0] for _ in range(repeats))), rt
+
+
+def forward_time(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
+                 capacity: int, repeats: int = 5) -> tuple[float, np.ndarray | None]:
+    """Median seconds of one forward of T tokens per row after ``context`` cached ones,
+    and its routing trace."""
+    time_it, rt = forward_runner(graphdef, state, cfg, batch, t, context, capacity)
+    return time_it(repeats), rt
 
 
 def _rate(dec, prompts, n1: int, n2: int, repeats: int, **kw) -> tuple[float, list]:
@@ -277,40 +286,61 @@ def write_outputs(rows: list[dict], out_dir: str = "docs", stem: str = "decode_s
 
 def costmodel_sweep(hw, models=("moe", "dense"), batches=(1, 2, 4, 8, 16, 32, 64),
                     tokens=(1, 2, 4, 8), context: int = 32, repeats: int = 3,
-                    configs: dict[str, ModelConfig] | None = None, progress=None) -> list[dict]:
-    """The cost model's calibration check: for each (model, batch, T) the measured median
-    time of one jitted target forward of T tokens per row after ``context`` cached ones,
-    next to ``analysis.cost_model.step_cost`` on ``hw`` (independence formula for the
-    unique experts, and with the rows per expert the forward actually routed: its unique
-    experts and exact row-chunk count)."""
-    from moesd_jax.analysis.cost_model import step_cost
+                    configs: dict[str, ModelConfig] | None = None, progress=None,
+                    passes: int = 1, calibrate=None) -> tuple[list[dict], object]:
+    """The cost model's calibration check: for each (model, batch, T) the measured time of
+    one jitted target forward of T tokens per row after ``context`` cached ones, next to
+    ``analysis.cost_model.step_cost`` (independence formula for the unique experts, and
+    with the rows per expert the forward actually routed: its unique experts and exact
+    row-chunk count). Returns (rows, the hardware the predictions used).
+
+    Every forward is compiled first; then ``passes`` passes each time every point
+    (median of ``repeats`` forwards), after running ``calibrate()`` (a ``Hardware``, e.g.
+    one pass of ``calibrate_cpu``) when given. A point's time is the median of its
+    passes and the predictions use the passes' calibrations merged
+    (``cost_model.median_hardware``; without ``calibrate``, ``hw``): calibration and
+    sweep interleaved, so that a slow or fast spell of the machine touches both alike
+    instead of the calibration alone, minutes before the sweep."""
+    from moesd_jax.analysis.cost_model import median_hardware, step_cost
 
     configs = configs or bench_configs()
-    rows = []
+    points = []
     for name in models:
         cfg = configs[name]
         graphdef, state = make_model(cfg)
         cap = -(-(context + max(tokens)) // 128) * 128
         for b in batches:
             for t in tokens:
-                meas, rt = forward_time(graphdef, state, cfg, b, t, context, cap, repeats)
-                n_exp = cfg.moe.num_experts if cfg.moe else 0
-                pred = step_cost(cfg, hw, b, t, context=context)
-                row = {"model": name, "batch": b, "tokens": t, "measured_ms": meas * 1e3,
-                       "predicted_ms": pred.time_s * 1e3,
-                       "error": pred.time_s / meas - 1.0,
-                       "predicted_bytes": pred.bytes, "predicted_flops": pred.flops,
-                       "expert_fraction": pred.expert_fraction}
-                if n_exp:
-                    rows_le = rows_by_layer(rt, n_exp)
-                    u_layers = (rows_le > 0).sum(axis=1).tolist()
-                    traced = step_cost(cfg, hw, b, t, context=context, expert_rows=rows_le)
-                    row |= {"unique_experts": float(np.mean(u_layers)),
-                            "unique_experts_independent": pred.unique_experts,
-                            "predicted_traced_ms": traced.time_s * 1e3,
-                            "error_traced": traced.time_s / meas - 1.0}
-                rows.append(row)
-                if progress is not None:
-                    progress(row)
-        del graphdef, state
-    return rows
+                time_it, rt = forward_runner(graphdef, state, cfg, b, t, context, cap)
+                points.append((name, cfg, b, t, time_it, rt))
+    times: dict[int, list[float]] = {i: [] for i in range(len(points))}
+    hws = []
+    for _ in range(passes):
+        if calibrate is not None:
+            hws.append(calibrate())
+        for i, pt in enumerate(points):
+            times[i].append(pt[4](repeats))
+    hw = median_hardware(hws) if hws else hw
+    rows = []
+    for i, (name, cfg, b, t, _, rt) in enumerate(points):
+        meas = statistics.median(times[i])
+        n_exp = cfg.moe.num_experts if cfg.moe else 0
+        pred = step_cost(cfg, hw, b, t, context=context)
+        row = {"model": name, "batch": b, "tokens": t, "measured_ms": meas * 1e3,
+               "measured_spread": (max(times[i]) - min(times[i])) / meas,
+               "predicted_ms": pred.time_s * 1e3,
+               "error": pred.time_s / meas - 1.0,
+               "predicted_bytes": pred.bytes, "predicted_flops": pred.flops,
+               "expert_fraction": pred.expert_fraction}
+        if n_exp:
+            rows_le = rows_by_layer(rt, n_exp)
+            u_layers = (rows_le > 0).sum(axis=1).tolist()
+            traced = step_cost(cfg, hw, b, t, context=context, expert_rows=rows_le)
+            row |= {"unique_experts": float(np.mean(u_layers)),
+                    "unique_experts_independent": pred.unique_experts,
+                    "predicted_traced_ms": traced.time_s * 1e3,
+                    "error_traced": traced.time_s / meas - 1.0}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows, hw

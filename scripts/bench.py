@@ -17,8 +17,8 @@
       generation on the same weights (exported float32) and prompts; tokens compared.
   python scripts/bench.py costmodel [--batch 1 2 4 ... 64 --tokens 1 2 4 8]
       the cost model's calibration check: predicted (cpu-measured preset, calibrated in
-      the same run) vs measured forward times of the decode benchmark's MoE and dense
-      shapes, error per point.
+      the same run, --passes calibrations interleaved with the sweep's passes) vs
+      measured forward times of the decode benchmark's MoE and dense shapes, per point.
   python scripts/bench.py budget [--workload bundled bench-shape --trees tree-31 tree-63
                                   --policies lossless moe_spec --budgets 4 8 16 --batch 1]
       verification-time expert budgets (spec/budget.py) swept over B per tree: unique
@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     cm.add_argument("--model", choices=["moe", "dense", "both"], default="both")
     cm.add_argument("--context", type=int, default=32)
     cm.add_argument("--repeats", type=int, default=3)
+    cm.add_argument("--passes", type=int, default=3,
+                    help="calibration + sweep passes, interleaved; medians over passes")
     cm.add_argument("--small", action="store_true",
                     help="a tiny shape (d 64, 2 layers) to check the harness quickly")
     cm.add_argument("--save-calibration", default=None,
@@ -370,30 +372,13 @@ def costmodel_cmd(args) -> int:
         print(f"error: --batch {args.batch} and --tokens {args.tokens} must be >= 1, "
               f"--context={args.context} >= 0, --repeats={args.repeats} >= 1", file=sys.stderr)
         return 2
-    hw = cost_model.calibrate_cpu()
-    if args.save_calibration:
-        with open(args.save_calibration, "w") as f:
-            json.dump(hw.to_json(), f, indent=1)
+    if args.passes < 1:
+        print(f"error: --passes={args.passes} must be >= 1", file=sys.stderr)
+        return 2
     models = ["moe", "dense"] if args.model == "both" else [args.model]
     configs = (bd.bench_configs(d_model=64, layers=2, experts=8, top_k=2, expert_dim=64,
                                 vocab=512) if args.small else bd.bench_configs())
-    if not args.json:
-        c = configs["moe"]
-        print(f"# costmodel: MoE d={c.d_model} L={c.num_layers} E={c.moe.num_experts} "
-              f"top-{c.moe.top_k} F={c.moe.expert_dim} V={c.vocab_size} and the dense model "
-              f"of equal active size, float32, context {args.context}; load average "
-              f"{os.getloadavg()[0]:.1f}")
-        cold = {r: t for nb, r, t in hw.dots_cold if nb == 4 << 20}
-        print(f"# cpu-measured: read {hw.mem_bandwidth / 1e9:.1f} GB/s; a [rows,1024]x"
-              f"[1024,1024] dot from memory, ms by rows: "
-              + " ".join(f"{r}:{t * 1e3:.2f}" for r, t in sorted(cold.items()))
-              + f"; overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
-              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer; cache {hw.cache_bytes >> 20} MB; "
-              f"attention core {hw.attn_unit_s * 1e6:.1f} us per (row, kv head, block) + "
-              f"{hw.attn_elem_s * 1e9:.1f} ns per query element")
-        print(f"{'model':>5} {'B':>3} {'T':>2} {'measured ms':>11} {'predicted':>9} "
-              f"{'error':>6} {'traced':>8} {'error':>6} {'uniq':>5} {'indep':>5} "
-              f"{'expert%':>7}", flush=True)
+    load0 = os.getloadavg()[0]
 
     def show(r):
         if args.json:
@@ -403,11 +388,37 @@ def costmodel_cmd(args) -> int:
               f"{r['unique_experts']:>5.1f} {r['unique_experts_independent']:>5.1f}"
               if "unique_experts" in r else f"{'':>8} {'':>6} {'':>5} {'':>5}")
         print(f"{r['model']:>5} {r['batch']:>3} {r['tokens']:>2} {r['measured_ms']:>11.2f} "
-              f"{r['predicted_ms']:>9.2f} {r['error']:>+6.0%} {tr} "
-              f"{r['expert_fraction']:>7.0%}", flush=True)
+              f"{r['measured_spread']:>6.0%} {r['predicted_ms']:>9.2f} {r['error']:>+6.0%} "
+              f"{tr} {r['expert_fraction']:>7.0%}", flush=True)
 
-    rows = bd.costmodel_sweep(hw, models, args.batch, args.tokens, args.context,
-                              args.repeats, configs, progress=show)
+    # calibration passes interleaved with the sweep's (bench_decode.costmodel_sweep)
+    rows, hw = bd.costmodel_sweep(None, models, args.batch, args.tokens, args.context,
+                                  args.repeats, configs, passes=args.passes,
+                                  calibrate=lambda: cost_model.calibrate_cpu(passes=1))
+    if args.save_calibration:
+        with open(args.save_calibration, "w") as f:
+            json.dump(hw.to_json(), f, indent=1)
+    if not args.json:
+        c = configs["moe"]
+        print(f"# costmodel: MoE d={c.d_model} L={c.num_layers} E={c.moe.num_experts} "
+              f"top-{c.moe.top_k} F={c.moe.expert_dim} V={c.vocab_size} and the dense model "
+              f"of equal active size, float32, context {args.context}; {args.passes} passes, "
+              f"each a calibration then every point (median of {args.repeats} forwards); "
+              f"medians over passes; load average {load0:.1f} before, "
+              f"{os.getloadavg()[0]:.1f} after")
+        cold = {r: t for nb, r, t in hw.dots_cold if nb == 4 << 20}
+        print(f"# cpu-measured: read {hw.mem_bandwidth / 1e9:.1f} GB/s; a [rows,1024]x"
+              f"[1024,1024] dot from memory, ms by rows: "
+              + " ".join(f"{r}:{t * 1e3:.2f}" for r, t in sorted(cold.items()))
+              + f"; overhead {hw.step_overhead_s * 1e3:.3f} ms/step + "
+              f"{hw.layer_overhead_s * 1e3:.3f} ms/layer; cache {hw.cache_bytes >> 20} MB; "
+              f"attention core {hw.attn_unit_s * 1e6:.1f} us per (row, kv head, block) + "
+              f"{hw.attn_elem_s * 1e9:.1f} ns per query element")
+        print(f"{'model':>5} {'B':>3} {'T':>2} {'measured ms':>11} {'spread':>6} "
+              f"{'predicted':>9} {'error':>6} {'traced':>8} {'error':>6} {'uniq':>5} "
+              f"{'indep':>5} {'expert%':>7}", flush=True)
+    for r in rows:
+        show(r)
     errs = [abs(r["error"]) for r in rows]
     within = sum(e <= 0.25 for e in errs)
     summary = {"points": len(rows), "within_25pct": within,

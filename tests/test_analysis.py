@@ -259,6 +259,23 @@ def test_calibration_table_median_of_passes_and_monotone_in_rows():
     assert tab == [(4, 1, 1.0), (4, 2, 1.0), (4, 4, 1.0), (8, 1, 2.0), (8, 2, 3.0)]
 
 
+def test_median_hardware_merges_calibrations():
+    """Calibrations from interleaved passes (``bench.py costmodel``) merge entry by entry:
+    scalars and table entries the median, tables still monotone in rows."""
+    base = dict(peak_flops=1e9, mem_bandwidth=1e9, cache_bytes=32)
+    hws = [cm.Hardware("cpu-measured", **{**base, "mem_bandwidth": bw}, step_overhead_s=oh,
+                       dots_cold=((4, 1, t1), (4, 2, t2)), chunks_hot=((8, 1, t1),))
+           for bw, oh, t1, t2 in ((1e9, 1.0, 1.0, 2.0), (3e9, 5.0, 3.0, 2.5),
+                                  (2e9, 2.0, 9.0, 4.0))]
+    m = cm.median_hardware(hws)
+    assert (m.mem_bandwidth, m.step_overhead_s, m.cache_bytes) == (2e9, 2.0, 32)
+    assert m.dots_cold == ((4, 1, 2.5), (4, 2, 2.5))  # 3.0 bounded by the 2-row median
+    assert m.chunks_hot == ((8, 1, 3.0),) and m.dots_hot == ()
+    assert cm.median_hardware(hws[:1]) == hws[0]
+    with pytest.raises(ValueError, match="at least one"):
+        cm.median_hardware([])
+
+
 def test_measured_attention_core_fit_and_use():
     """The attention core's calibration fits measured ``cached_attention`` calls; a preset
     with the fit prices ``attn_core`` as

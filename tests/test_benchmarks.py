@@ -1,5 +1,7 @@
 """The benchmark harness runs and reports consistent fields (timings are not asserted)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -84,9 +86,17 @@ def test_costmodel_sweep_tiny_shape():
     from moesd_jax.analysis.cost_model import preset
 
     cfgs = bd.bench_configs(d_model=32, layers=2, experts=8, top_k=2, expert_dim=32, vocab=128)
-    rows = bd.costmodel_sweep(preset("h100"), ["moe"], [2], [1, 3], context=4, repeats=1,
-                              configs=cfgs)
+    rows, hw = bd.costmodel_sweep(preset("h100"), ["moe"], [2], [1, 3], context=4,
+                                  repeats=1, configs=cfgs)
+    assert hw == preset("h100")
     assert [(r["batch"], r["tokens"]) for r in rows] == [(2, 1), (2, 3)]
+    # interleaved: a calibration before each pass, the predictions from their median
+    fast, slow = (dataclasses.replace(preset("h100"), mem_bandwidth=bw) for bw in (1e13, 1e11))
+    cals = iter([fast, slow, slow])
+    rows3, hw3 = bd.costmodel_sweep(None, ["moe"], [2], [1], context=4, repeats=1,
+                                    configs=cfgs, passes=3, calibrate=lambda: next(cals))
+    assert hw3.mem_bandwidth == 1e11 and "median of 3" in hw3.source
+    assert rows3[0]["predicted_ms"] > rows[0]["predicted_ms"]
     for r in rows:
         assert r["measured_ms"] > 0 and r["predicted_ms"] > 0
         assert 1 <= r["unique_experts"] <= min(8, 2 * r["tokens"] * 2)

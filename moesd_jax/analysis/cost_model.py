@@ -409,6 +409,26 @@ def calibrate_cpu(repeats: int = 3, passes: int = 3) -> Hardware:
                            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
 
 
+def median_hardware(hws: Sequence[Hardware]) -> Hardware:
+    """Several calibrations of one machine as one: every scalar figure the median of
+    theirs, every table entry (weight bytes, rows) the median of its values (then made
+    non-decreasing in rows, as :func:`_table`); the rest from the first."""
+    if not hws:
+        raise ValueError("median_hardware needs at least one calibration")
+    med = lambda f: float(statistics.median(getattr(h, f) for h in hws))  # noqa: E731
+    tables = {}
+    for f in ("dots_cold", "dots_hot", "chunks_cold", "chunks_hot"):
+        times: dict[tuple[int, int], list[float]] = collections.defaultdict(list)
+        for h in hws:
+            for nb, r, t in getattr(h, f):
+                times[nb, r].append(t)
+        tables[f] = tuple(_table(times))
+    scalars = {f: med(f) for f in ("peak_flops", "mem_bandwidth", "step_overhead_s",
+                                   "layer_overhead_s", "attn_unit_s", "attn_elem_s")}
+    src = hws[0].source + (f"; median of {len(hws)} calibrations" if len(hws) > 1 else "")
+    return dataclasses.replace(hws[0], **scalars, **tables, source=src)
+
+
 def _llc_bytes() -> int:
     """The largest CPU cache (sysfs), or 0 if unknown."""
     best = 0
