@@ -114,8 +114,8 @@ def make_model(cfg: ModelConfig, seed: int = 0):
 def forward_runner(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
                    capacity: int):
     """A compiled forward of T tokens per row after ``context`` cached ones, run once (the
-    compile) -> (``time(repeats)``: the median seconds of that many more forwards, its
-    routing trace)."""
+    compile) -> (``time(repeats)``: the median seconds of that many forwards after an
+    untimed one, its routing trace)."""
     cache = KVCache.init(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.dh)
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
     toks = jax.random.randint(jax.random.PRNGKey(t), (batch, t), 0, cfg.vocab_size)
@@ -132,7 +132,12 @@ def forward_runner(graphdef, state, cfg: ModelConfig, batch: int, t: int, contex
 
     out = once()[1]
     rt = None if out[2] is None else np.asarray(out[2])
-    return (lambda repeats: statistics.median(once()[0] for _ in range(repeats))), rt
+
+    def time_it(repeats: int) -> float:
+        once()  # untimed: the first forward after other work (a calibration) runs slow
+        return statistics.median(once()[0] for _ in range(repeats))
+
+    return time_it, rt
 
 
 def forward_time(graphdef, state, cfg: ModelConfig, batch: int, t: int, context: int,
