@@ -222,6 +222,15 @@ def attention_cmd(args) -> int:
     return 0
 
 
+def _printer(as_json: bool, fmt):
+    """A progress callback: each row as one JSON line (``--json``), or ``fmt(row)``."""
+
+    def show(r):
+        print(json.dumps(r) if as_json else fmt(r), flush=True)
+
+    return show
+
+
 def decode_cmd(args) -> int:
     from moesd_jax import bench_decode as bd
 
@@ -247,17 +256,16 @@ def decode_cmd(args) -> int:
               f"{'acc len':>7} {'ver/step':>8} {'MB/step':>8} {'GB/s':>6} {'of read':>7} "
               f"{'==AR':>5} {'pred spd':>8} {'pred v/s':>8}", flush=True)
 
-    def show(r):
-        if args.json:
-            print(json.dumps(r), flush=True)
-            return
-        print(f"{r['model']:>5} {r['batch']:>3} {r['k']:>2} {r['ar_tok_per_s']:>9.1f} "
-              f"{r['sd_tok_per_s']:>9.1f} {r['sd_speedup']:>7.2f} "
-              f"{r['mean_acceptance_length']:>7.2f} {r['verify_over_step']:>8.2f} "
-              f"{r['active_weight_bytes_per_step'] / 1e6:>8.0f} "
-              f"{r['active_weight_gb_per_s']:>6.1f} {r['bandwidth_fraction']:>7.0%} "
-              f"{str(r['tokens_equal']):>5} {r['predicted_sd_speedup']:>8.2f} "
-              f"{r['predicted_verify_over_step']:>8.2f}", flush=True)
+    def fmt(r):
+        return (f"{r['model']:>5} {r['batch']:>3} {r['k']:>2} {r['ar_tok_per_s']:>9.1f} "
+               f"{r['sd_tok_per_s']:>9.1f} {r['sd_speedup']:>7.2f} "
+               f"{r['mean_acceptance_length']:>7.2f} {r['verify_over_step']:>8.2f} "
+               f"{r['active_weight_bytes_per_step'] / 1e6:>8.0f} "
+               f"{r['active_weight_gb_per_s']:>6.1f} {r['bandwidth_fraction']:>7.0%} "
+               f"{str(r['tokens_equal']):>5} {r['predicted_sd_speedup']:>8.2f} "
+               f"{r['predicted_verify_over_step']:>8.2f}")
+
+    show = _printer(args.json, fmt)
 
     from moesd_jax.analysis.cost_model import calibrate_cpu
 
@@ -289,16 +297,15 @@ def utility_cmd(args) -> int:
         return 2
     rows = []
 
-    def show(r):
-        if args.json:
-            print(json.dumps(r), flush=True)
-            return
+    def fmt(r):
         extra = (f"  decisions {r['auto_decisions']}: K=0 {r['auto_k0_share']:.0%}, mean K "
                  f"{r['auto_mean_k']:.2f}; cost(K) {r['auto_costs']}"
                  if r["config"] == "auto" else "")
-        print(f"{r['workload']:>10} {r['config']:>5} {r['tokens_per_s']:>8.1f} "
-              f"{r['speedup']:>7.2f} {r['mean_acceptance_length']:>7.2f} "
-              f"{str(r['equal_to_ar']):>5}{extra}", flush=True)
+        return (f"{r['workload']:>10} {r['config']:>5} {r['tokens_per_s']:>8.1f} "
+               f"{r['speedup']:>7.2f} {r['mean_acceptance_length']:>7.2f} "
+               f"{str(r['equal_to_ar']):>5}{extra}")
+
+    show = _printer(args.json, fmt)
 
     header = (f"{'workload':>10} {'K':>5} {'tok/s':>8} {'vs AR':>7} {'acc len':>7} "
               f"{'==AR':>5}")
@@ -380,16 +387,15 @@ def costmodel_cmd(args) -> int:
                                 vocab=512) if args.small else bd.bench_configs())
     load0 = os.getloadavg()[0]
 
-    def show(r):
-        if args.json:
-            print(json.dumps(r), flush=True)
-            return
+    def fmt(r):
         tr = (f"{r['predicted_traced_ms']:>8.2f} {r['error_traced']:>+6.0%} "
               f"{r['unique_experts']:>5.1f} {r['unique_experts_independent']:>5.1f}"
               if "unique_experts" in r else f"{'':>8} {'':>6} {'':>5} {'':>5}")
-        print(f"{r['model']:>5} {r['batch']:>3} {r['tokens']:>2} {r['measured_ms']:>11.2f} "
-              f"{r['measured_spread']:>6.0%} {r['predicted_ms']:>9.2f} {r['error']:>+6.0%} "
-              f"{tr} {r['expert_fraction']:>7.0%}", flush=True)
+        return (f"{r['model']:>5} {r['batch']:>3} {r['tokens']:>2} {r['measured_ms']:>11.2f} "
+               f"{r['measured_spread']:>6.0%} {r['predicted_ms']:>9.2f} {r['error']:>+6.0%} "
+               f"{tr} {r['expert_fraction']:>7.0%}")
+
+    show = _printer(args.json, fmt)
 
     # calibration passes interleaved with the sweep's (bench_decode.costmodel_sweep)
     rows, hw = bd.costmodel_sweep(None, models, args.batch, args.tokens, args.context,
@@ -463,15 +469,14 @@ def budget_cmd(args) -> int:
               "--oracle-acceptance in [0, 1]", file=sys.stderr)
         return 2
 
-    def show(r):
-        if args.json:
-            print(json.dumps(r), flush=True)
-            return
-        print(f"{r['workload']:>11} {r['tree']:>8} {r['policy']:>8} {r['b']:>3} "
-              f"{r['unique_experts']:>7.2f} {r['natural_unique']:>7.2f} "
-              f"{r['expert_mb_per_verify']:>8.2f} {r['acceptance_length']:>7.3f} "
-              f"{r['agreement']:>6.3f} {r['mass_kept']:>6.3f} {r['nodes_pruned']:>6} "
-              f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}", flush=True)
+    def fmt(r):
+        return (f"{r['workload']:>11} {r['tree']:>8} {r['policy']:>8} {r['b']:>3} "
+               f"{r['unique_experts']:>7.2f} {r['natural_unique']:>7.2f} "
+               f"{r['expert_mb_per_verify']:>8.2f} {r['acceptance_length']:>7.3f} "
+               f"{r['agreement']:>6.3f} {r['mass_kept']:>6.3f} {r['nodes_pruned']:>6} "
+               f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}")
+
+    show = _printer(args.json, fmt)
 
     if not args.json:
         print(f"# budget: greedy, batch {args.batch}, {args.prompts} prompts x {args.max_new} "
