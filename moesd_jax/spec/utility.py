@@ -239,13 +239,14 @@ def prior_weight(counts, k: int) -> float:
     Bounded below by ``PRIOR_ITERS`` and above by ``PRIOR_ITERS`` per remembered row (a
     spread estimated from a few rows is no evidence that they accept alike) and
     ``PRIOR_MAX_ITERS`` (tests still see a request that differs)."""
+    from moesd_jax.analysis.cost_model import expected_tokens
+
     p, x, _, tau2 = _spread(counts)
-    hi = min(PRIOR_MAX_ITERS, PRIOR_ITERS * len(x))
+    hi = min(PRIOR_MAX_ITERS, PRIOR_ITERS * len(x))  # >= PRIOR_ITERS: one row at least
     if tau2 <= 0:
-        return float(max(hi, PRIOR_ITERS))
-    pk = p ** np.arange(1, k + 1)
-    trials = float(pk.sum() + 1.0 - pk[-1])
-    return float(np.clip(p * (1 - p) / tau2 / trials, PRIOR_ITERS, max(hi, PRIOR_ITERS)))
+        return float(hi)
+    trials = expected_tokens(p, k) - p ** k  # accepted drafts + the chance of a rejection
+    return float(np.clip(p * (1 - p) / tau2 / trials, PRIOR_ITERS, hi))
 
 
 def batch_times(ucfg: UtilityConfig, cost_K, counts, max_new_B, upper: bool = True,
