@@ -123,11 +123,8 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
         if not Path(draft_path).exists():
             raise ConfigError(f"--draft {draft_path!r} does not exist")
         draft_model = load_eagle(draft_path, target.cfg)
-        if (param_dtype == "auto" and draft_model.cfg.param_dtype != "float32"
-                and _param_dtype(param_dtype, target_path) == "float32"):
-            from moesd_jax.spec.eagle_io import cast_eagle
-
-            draft_model = cast_eagle(draft_model, "float32")  # as the target: once, at load
+        if param_dtype == "auto":
+            draft_model = head_as_target(draft_model, target)
     if mesh is None and param_dtype == "auto":
         cpu_decode_layout(target)
         if draft_model is not None and spec == "draft":
@@ -137,6 +134,22 @@ def load_models(model: str | None = None, draft: str | None = None, spec: str | 
 
         tok = load_tokenizer()
     return LoadedModels(target, draft_model, tok, spec_cfg, target_path, draft_path)
+
+
+def head_as_target(head, target):
+    """An EAGLE head with its weights in the dtype the target's are resident in: once, at
+    load (CPU decoding holds the target in float32; a bfloat16 head would be converted
+    to float32 on every draft step, a pass over all its weights)."""
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree.leaves(nnx.state(target, nnx.Param))
+    want = str(leaves[0].dtype) if leaves else head.cfg.param_dtype
+    if want != "float32" or head.cfg.param_dtype == want:
+        return head
+    from moesd_jax.spec.eagle_io import cast_eagle
+
+    return cast_eagle(head, want)
 
 
 def _param_dtype(choice: str | None, path: str) -> str | None:

@@ -49,3 +49,9 @@ def test_eagle_head_loads_cast_to_float32(ckpt, tmp_path):
     lm = load_models(str(tmp_path / "t"), str(tmp_path / "h"), spec="eagle")
     assert lm.draft.cfg.param_dtype == "float32"
     assert str(lm.draft.fc_KD[...].dtype) == "float32"
+    # bench.py spec --eagle loads heads through the same rule: the target's dtype, and a
+    # bfloat16-resident target (accelerators) keeps a bfloat16 head as it is
+    from moesd_jax.runtime import head_as_target
+
+    assert str(head_as_target(head, lm.target).fc_KD[...].dtype) == "float32"
+    assert head_as_target(head, target) is head
