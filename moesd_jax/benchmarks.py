@@ -145,6 +145,96 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
     return rows
 
 
+def _params(model) -> list:
+    from flax import nnx
+
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def spec_plan(config: str) -> tuple[int, int, str | None]:
+    """``(verified tokens T, draft forwards per iteration, drafter)`` of one
+    :func:`spec_sweep` config; drafter ``"draft"``, ``"eagle"`` or None (AR, prompt
+    lookup: no weights). A tree drafts one forward per level."""
+    from moesd_jax.spec.tree import load_tree
+
+    if config == "none":
+        return 1, 0, None
+    kind, _, arg = config.partition(":")
+    who = {"chain": "draft", "tree": "draft", "eagle": "eagle", "eagle-tree": "eagle"}.get(kind)
+    if kind in ("chain", "ngram", "eagle"):
+        return int(arg) + 1, int(arg), who
+    tree = load_tree(arg)
+    return len(tree.parents), int(tree.depths.max()), who
+
+
+def traffic_bounds(target, draft, prompts: list[list[int]], rows: list[dict],
+                   max_new: int = 64, eagle=None, bandwidth_bytes: int = 512 << 20) -> dict:
+    """Batch 1: the speedup over AR that weight traffic alone allows each
+    :func:`spec_sweep` row, and how close AR runs to the read bandwidth.
+
+    An iteration verifying T tokens must read every weight of the target once plus each
+    *unique* expert those T tokens route to (counted on this text: windows of T
+    consecutive tokens of the prompts' own AR decoding, ``analysis.routing``), and each
+    draft forward reads the drafter's weights once (the head's own parameters for EAGLE,
+    nothing for prompt lookup). With the row's acceptance length ``L``::
+
+        bound = L * bytes(T=1) / (bytes(T) + draft forwards * draft bytes)
+
+    so a config whose ``bound`` is below 1 cannot beat AR on a machine where decoding is
+    bandwidth-bound, however well its code runs. Bytes come from ``analysis.cost_model``
+    (the KV cache read included) in the dtype the weights are resident in.
+
+    Returns ``read_gb_per_s`` (measured now), ``ar_mb``, ``ar_gb_per_s`` (AR's rate x its
+    bytes: whole generate calls, prefill included, so a lower bound),
+    ``unique_experts`` per T and per config ``bound`` and ``iteration_mb``.
+    """
+    from moesd_jax.analysis import cost_model as cm
+    from moesd_jax.analysis import routing
+    from moesd_jax.config import SpecConfig
+    from moesd_jax.spec.decoder import SpecDecoder
+
+    cfg = target.cfg
+    if cfg.moe is None:
+        raise ValueError("traffic bounds need an MoE target (unique experts per T)")
+    plans = {r["config"]: spec_plan(r["config"]) for r in rows}
+    ts = sorted({t for t, _, _ in plans.values()} | {1})
+    traces, _ = routing.record_traces(SpecDecoder(target, spec=SpecConfig(method="none")),
+                                      prompts, max_new)
+    tok = [routing.tokens_trace(tr) for tr in traces]
+    uniq = {u["tokens"]: u["unique"] for u in routing.unique_vs_tokens(
+        tok, cfg.moe.num_experts, cfg.moe.top_k, ts=ts, shuffles=1)}
+    missing = [t for t in ts if t not in uniq]
+    if missing:
+        raise ValueError(f"--max-new-tokens={max_new} is too short for windows of {missing} "
+                         "tokens")
+    wdt = str(_params(target)[0].dtype)
+    hw = cm.preset("h100")  # bytes only: they do not depend on the hardware
+    ctx = max(len(p) for p in prompts) + max_new // 2
+
+    def mb(t):
+        return cm.step_cost(cfg, hw, 1, t, context=ctx, unique_experts=uniq[t],
+                            weight_dtype=wdt).bytes / 1e6
+
+    draft_mb = {None: 0.0,
+                "draft": (cm.step_cost(draft.cfg, hw, 1, 1, context=ctx, weight_dtype=wdt)
+                          .bytes / 1e6 if draft is not None else 0.0),
+                "eagle": (sum(x.nbytes for x in _params(eagle)) / 1e6
+                          if eagle is not None else 0.0)}
+    ar = mb(1)
+    out = {"unique_experts": {int(t): float(uniq[t]) for t in ts}, "ar_mb": ar,
+           "draft_mb": {k: v for k, v in draft_mb.items() if k}, "configs": {}}
+    for r in rows:
+        t, d, who = plans[r["config"]]
+        it = mb(t) + d * draft_mb[who]
+        out["configs"][r["config"]] = {"iteration_mb": it,
+                                       "bound": r["mean_acceptance_length"] * ar / it}
+    bw = cm.read_bandwidth(bandwidth_bytes)["peak"] / 1e9
+    ar_rate = next((r["tokens_per_s"] for r in rows if r["config"] == "none"), None)
+    out["read_gb_per_s"] = bw
+    out["ar_gb_per_s"] = None if ar_rate is None else ar_rate * ar / 1e3
+    return out
+
+
 @dataclasses.dataclass
 class Timed:
     """One config's runs over the same batches as the others (:func:`time_interleaved`)."""

@@ -58,6 +58,10 @@ def main(argv=None) -> int:
     sp.add_argument("--prompt-tokens", type=int, default=64)
     sp.add_argument("--max-new-tokens", type=int, default=64)
     sp.add_argument("--batch", type=int, default=10)
+    sp.add_argument("--bound", action="store_true",
+                    help="batch 1: add the speedup weight traffic alone allows each config "
+                    "(counted from this text's routing) and AR's share of the read "
+                    "bandwidth measured in the same run")
     sp.add_argument("--json", action="store_true")
     bp = sub.add_parser("batch", help="batch job tokens/s vs bench.py spec at the same B, K")
     bp.add_argument("--model", default=None, help="target (default: bundled)")
@@ -535,16 +539,27 @@ def spec_cmd(args, benchmarks) -> int:
         prompts = [tok.encode(t) for t in texts]
         head = None
         if args.eagle:
+            from moesd_jax.runtime import head_as_target
             from moesd_jax.spec.eagle_io import load_eagle
 
-            head = load_eagle(args.eagle, lm.target.cfg)
+            head = head_as_target(load_eagle(args.eagle, lm.target.cfg), lm.target)
+        if args.bound and args.batch != 1:
+            raise ValueError(f"--bound counts one row's traffic: it needs --batch 1, got "
+                             f"--batch {args.batch}")
         rows = benchmarks.spec_sweep(lm.target, lm.draft, prompts, args.configs,
                                      args.max_new_tokens, args.batch, eagle=head)
+        bound = (benchmarks.traffic_bounds(lm.target, lm.draft, prompts, rows,
+                                           args.max_new_tokens, eagle=head)
+                 if args.bound else None)
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if bound:
+        for r in rows:
+            r["traffic_bound"] = bound["configs"][r["config"]]["bound"]
     if args.json:
-        print(json.dumps({"rows": rows, "step_costs": step_costs(lm, args)}))
+        print(json.dumps({"rows": rows, "step_costs": step_costs(lm, args),
+                          "traffic": bound}))
         return 0
     print(f"# spec: {len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, "
           f"greedy, batch {args.batch}; target {lm.target_path}, draft {lm.draft_path}")
@@ -553,10 +568,22 @@ def spec_cmd(args, benchmarks) -> int:
         f"{k} {v:.2f} ms" for k, v in costs.items() if k.endswith("ms")) +
         f"; draft/target step ratio {costs['draft_over_target']:.2f}, verify(T=5)/step(T=1) "
         f"{costs['verify5_over_step']:.2f}")
-    print(f"{'config':>14} {'accept len':>10} {'tok/s':>8} {'speedup':>8} {'== AR':>6}")
+    if bound:
+        share = bound["ar_gb_per_s"] / bound["read_gb_per_s"]
+        uniq = ", ".join(f"T={t}: {u:.2f}" for t, u in bound["unique_experts"].items())
+        drafts = ", ".join(f"{k} {v:.1f} MB" for k, v in bound["draft_mb"].items())
+        print(f"# weight traffic (batch 1, this text's routing): AR step {bound['ar_mb']:.1f} "
+              f"MB, AR {bound['ar_gb_per_s']:.1f} GB/s = {share:.0%} of the read bandwidth "
+              f"measured now ({bound['read_gb_per_s']:.1f} GB/s); unique experts per layer "
+              f"by verified tokens {uniq}; one draft forward: {drafts}; bound = accept len x "
+              "AR step bytes / iteration bytes")
+    extra = f" {'bound':>6}" if bound else ""
+    print(f"{'config':>14} {'accept len':>10} {'tok/s':>8} {'speedup':>8} {'== AR':>6}{extra}")
     for r in rows:
+        extra = f" {r['traffic_bound']:>6.2f}" if bound else ""
         print(f"{r['config']:>14} {r['mean_acceptance_length']:>10.3f} "
-              f"{r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f} {str(r['equal_to_ar']):>6}")
+              f"{r['tokens_per_s']:>8.1f} {r['speedup']:>8.2f} {str(r['equal_to_ar']):>6}"
+              f"{extra}")
     return 0
 
 

@@ -28,6 +28,32 @@ def test_spec_sweep_checks_equality_with_ar():
     assert 1.0 <= rows[1]["mean_acceptance_length"] <= 3.0
 
 
+def test_traffic_bounds_count_unique_experts_and_draft_forwards():
+    """bench.py spec --bound: an iteration's bytes are the target's for T verified tokens
+    (T = 1 routes exactly top_k experts per layer) plus one draft forward per draft
+    step; the bound scales acceptance by AR's bytes over the iteration's."""
+    target = build(moe_cfg(), seed=0)
+    draft = perturbed_copy(target, 0.3)
+    rows = [{"config": c, "mean_acceptance_length": a, "tokens_per_s": 100.0}
+            for c, a in (("none", 1.0), ("ngram:2", 1.5), ("chain:2", 2.0))]
+    out = benchmarks.traffic_bounds(target, draft, [[1, 2, 3, 4, 5], [7, 8, 9]], rows,
+                                    max_new=24, bandwidth_bytes=16 << 20)
+    u = out["unique_experts"]
+    assert u[1] == 2.0 and 2.0 < u[3] <= 8.0
+    c = out["configs"]
+    assert c["none"]["bound"] == pytest.approx(1.0)
+    assert c["ngram:2"]["iteration_mb"] > out["ar_mb"]
+    assert c["ngram:2"]["bound"] == pytest.approx(1.5 * out["ar_mb"] /
+                                                  c["ngram:2"]["iteration_mb"])
+    assert c["ngram:2"]["bound"] < 1.5
+    assert (c["chain:2"]["iteration_mb"] - c["ngram:2"]["iteration_mb"] ==
+            pytest.approx(2 * out["draft_mb"]["draft"]))
+    assert out["ar_gb_per_s"] == pytest.approx(100.0 * out["ar_mb"] / 1e3)
+    assert out["read_gb_per_s"] > 0
+    assert benchmarks.spec_plan("tree:tree-15")[:2] == (16, 4)
+    assert benchmarks.spec_plan("eagle-tree:tree-15")[2] == "eagle"
+
+
 def test_time_interleaved_rotates_and_pairs_ratios():
     """Every decoder runs once to warm up, then batch by batch in rotating order; a
     speedup is the median of same-batch ratios."""
