@@ -134,6 +134,20 @@ def test_h100_curve_moe_non_monotonic_dense_decreasing(name):
     assert dense[0] > 1.1 * dense[-1]
 
 
+def test_bench_moe_config_is_the_decode_benchmarks_shape():
+    """``configs/models/bench-moe.yaml`` (the cost model's name for it) is the shape that
+    ``bench.py decode`` and ``bench.py hf --bench-shape`` build; at batch 1 a K = 4 verify
+    of it routes ~15.6 experts per layer against 4, so its SD stays far from a dense
+    model's even with a free drafter, and the gap closes with batch (MoESD)."""
+    from moesd_jax.bench_decode import bench_configs
+
+    cfg = load_config(ModelConfig, "bench-moe")
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(bench_configs()["moe"])
+    b1, b8 = cm.speedup_curve(cfg, cm.preset("h100"), [1, 8], [4], 0.8, None, context=64)
+    assert b1["moe_speedup"] < 0.5 * b1["dense_speedup"]
+    assert b8["moe_speedup"] > 1.5 * b1["moe_speedup"]
+
+
 def test_predict_speedup_cli_json(tmp_path, capsys):
     from moesd_jax.cli.predict_speedup import main
 
