@@ -37,8 +37,11 @@ from moesd_jax.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run."""
+class RunConfig:
+    """What every training run here shares: the schedule (linear warm-up to ``lr``, cosine
+    to ``lr * min_lr_ratio`` at ``steps``), AdamW with global-norm clipping, data seed,
+    logging, held-out evaluation, checkpoints and the stopping points. The models' runs
+    (:class:`TrainConfig`, ``train_eagle.EagleTrainConfig``) add their own fields."""
 
     steps: int = 2000
     batch: int = 16
@@ -50,9 +53,6 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     clip_norm: float = 1.0
-    aux_coef: float = 0.01
-    distill_alpha: float = 1.0  # weight of KL(teacher || student); 1 - alpha goes to CE
-    distill_temperature: float = 1.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
@@ -60,6 +60,15 @@ class TrainConfig:
     ckpt_every: int = 200
     time_budget_min: float | None = None
     stop_at: int | None = None  # stop (and export) at this step; the schedule keeps `steps`
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """Hyper-parameters of one model's training run (pre-training or distillation)."""
+
+    aux_coef: float = 0.01
+    distill_alpha: float = 1.0  # weight of KL(teacher || student); 1 - alpha goes to CE
+    distill_temperature: float = 1.0
     dispatch: str = "dense"  # MoE backend while training (must be differentiable)
     teacher_dispatch: str | None = "capacity2"  # MoE backend of the teacher's forward
 
@@ -202,14 +211,14 @@ def _kl(teacher_logits, student_logits, temperature):
 # optimizer and step
 
 
-def make_schedule(tc: TrainConfig) -> optax.Schedule:
+def make_schedule(tc: RunConfig) -> optax.Schedule:
     warm = max(1, min(tc.warmup, tc.steps - 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=tc.lr, warmup_steps=warm,
         decay_steps=max(tc.steps, warm + 1), end_value=tc.lr * tc.min_lr_ratio)
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(tc: RunConfig) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),

@@ -35,6 +35,7 @@ from flax import nnx
 from moesd_jax.models.attention import MASK_VALUE
 from moesd_jax.spec.eagle import EagleConfig, EagleHead
 from moesd_jax.train import (
+    RunConfig,
     _ckpt_manager,
     make_optimizer,
     make_schedule,
@@ -45,29 +46,17 @@ from moesd_jax.train import (
 
 
 @dataclasses.dataclass(frozen=True)
-class EagleTrainConfig:
-    """Hyper-parameters (the optimizer fields are ``train.TrainConfig``'s, same meaning)."""
+class EagleTrainConfig(RunConfig):
+    """Hyper-parameters of a head's run: ``train.RunConfig``'s fields (with this run's
+    defaults) plus the training-time test's."""
 
-    steps: int = 2000
     batch: int = 8
-    seq_len: int = 256
     lr: float = 1e-3
-    warmup: int = 100
-    min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: float = 1.0
+    eval_windows: int = 16
     ttt_steps: int = 4  # unrolled draft steps (EAGLE-3 uses up to 7)
     loss_decay: float = 0.8  # weight of step k: decay**k (EAGLE-3's 0.8)
     target_dispatch: str | None = "capacity2"  # MoE backend of the target's forward
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    eval_windows: int = 16
-    ckpt_every: int = 200
-    time_budget_min: float | None = None
-    stop_at: int | None = None  # stop (and export) here; the schedule keeps `steps`
 
 
 def vocab_map(tokens: np.ndarray, vocab_size: int, draft_vocab: int):
