@@ -335,6 +335,33 @@ def save_train_state(mngr, step: int, params, opt_state) -> None:
     mngr.wait_until_finished()
 
 
+class RunLog:
+    """A run's JSON-lines log (``<out>/log.jsonl``, appended to: a resumed run continues
+    it); ``log(record)`` writes one flushed line."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "a")
+
+    def __call__(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def open_run(out: Path, params, opt_state, resume: bool):
+    """``(checkpoint manager, start step, params, opt_state, log)`` of the run directory
+    ``out``: with ``resume`` the state of its latest checkpoint (if any) and its step."""
+    mngr = _ckpt_manager(out / "ckpt")
+    start = 0
+    if resume:
+        got = restore_train_state(mngr, params, opt_state)
+        if got is not None:
+            start, params, opt_state = got
+    return mngr, start, params, opt_state, RunLog(out / "log.jsonl")
+
+
 def restore_train_state(mngr, params, opt_state):
     """Latest (step, params, opt_state) or None when the manager holds no checkpoint."""
     import orbax.checkpoint as ocp
@@ -420,17 +447,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
                          f"{cfg.vocab_size}")
     graphdef, params, opt_state, teacher_params, step_fn = init_training(cfg, tc, teacher)
 
-    mngr = _ckpt_manager(out / "ckpt")
-    start = 0
-    if resume:
-        got = restore_train_state(mngr, params, opt_state)
-        if got is not None:
-            start, params, opt_state = got
-    log_f = open(out / "log.jsonl", "a")
-
-    def log(rec):
-        log_f.write(json.dumps(rec) + "\n")
-        log_f.flush()
+    mngr, start, params, opt_state, log = open_run(out, params, opt_state, resume)
 
     counts = count_params(cfg)
     log({"event": "start", "step": start, "params": counts, "train_config":
@@ -493,5 +510,5 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, train_tokens: np.n
         exported, _ = load_model(final)
         summary["heldout"] = evaluate(exported, heldout_tokens, tc.seq_len, tc.eval_windows)
     log({"event": "end", **summary})
-    log_f.close()
+    log.close()
     return summary

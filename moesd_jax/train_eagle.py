@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,10 @@ from moesd_jax.models.attention import MASK_VALUE
 from moesd_jax.spec.eagle import EagleConfig, EagleHead
 from moesd_jax.train import (
     RunConfig,
-    _ckpt_manager,
     make_optimizer,
     make_schedule,
     metrics_positions,
-    restore_train_state,
+    open_run,
     save_train_state,
 )
 
@@ -259,17 +257,7 @@ def train_eagle(cfg: EagleConfig, tc: EagleTrainConfig, target, out: str | Path,
     maps = vocab_map(train_tokens, cfg.vocab_size, cfg.vd) if cfg.reduced else None
     graphdef, params, rest, opt_state, tstate, step_fn, tgraph = init_eagle_training(
         cfg, tc, target, maps)
-    mngr = _ckpt_manager(out / "ckpt")
-    start = 0
-    if resume:
-        got = restore_train_state(mngr, params, opt_state)
-        if got is not None:
-            start, params, opt_state = got
-    log_f = open(out / "log.jsonl", "a")
-
-    def log(rec):
-        log_f.write(json.dumps(rec) + "\n")
-        log_f.flush()
+    mngr, start, params, opt_state, log = open_run(out, params, opt_state, resume)
 
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
     log({"event": "start", "step": start, "params": n_params, "eagle_config":
@@ -328,7 +316,7 @@ def train_eagle(cfg: EagleConfig, tc: EagleTrainConfig, target, out: str | Path,
     if evaluate is not None:
         summary["heldout"] = held_out()
     log({"event": "end", **summary})
-    log_f.close()
+    log.close()
     return summary
 
 
