@@ -85,20 +85,11 @@ def save_checkpoint(path: str | Path, model: Transformer,
     Returns:
       The absolute checkpoint path.
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()
     if tokenizer_dir is not None and not tokenizer_files(tokenizer_dir):
         raise CheckpointError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     primary = jax.process_index() == 0
-    if primary:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).unlink(missing_ok=True)  # marks the directory incomplete
-    params = nnx.to_pure_dict(nnx.state(model))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
-    checksums = {_key(k): _crc(v) for k, v in traverse_util.flatten_dict(params).items()}
+    checksums = write_params(path, model, CONFIG_NAME, primary)
     if primary:
         tok = path / TOKENIZER_DIR
         if tok.exists():
@@ -107,12 +98,33 @@ def save_checkpoint(path: str | Path, model: Transformer,
             tok.mkdir()
             for f in tokenizer_files(tokenizer_dir):
                 shutil.copy2(f, tok / f.name)
-        meta = {"format": "moesd_jax", "version": FORMAT_VERSION, "model": to_dict(model.cfg),
-                "checksums": {k: v for k, v in checksums.items() if v is not None}}
-        tmp = path / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(path / CONFIG_NAME)
+        write_config(path / CONFIG_NAME, {"format": "moesd_jax", "version": FORMAT_VERSION,
+                                          "model": to_dict(model.cfg)}, checksums)
     return path
+
+
+def write_params(path: Path, module, config_name: str, primary: bool = True) -> dict:
+    """The first half of writing a checkpoint directory: removes its config file (the
+    directory reads as incomplete until :func:`write_config` puts it back) and saves
+    ``module``'s state under ``params/`` with orbax. Returns the per-array checksums."""
+    import orbax.checkpoint as ocp
+
+    if primary:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / config_name).unlink(missing_ok=True)
+    params = nnx.to_pure_dict(nnx.state(module))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params, force=True)
+        ckptr.wait_until_finished()
+    return {_key(k): _crc(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def write_config(path: Path, meta: dict, checksums: dict) -> None:
+    """The second half: ``meta`` plus the checksums, written atomically to ``path``."""
+    meta = {**meta, "checksums": {k: v for k, v in checksums.items() if v is not None}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(path)
 
 
 def _is_hf_dir(p: Path) -> bool:

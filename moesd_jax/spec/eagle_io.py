@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from moesd_jax.checkpoint import CheckpointError, _crc, _key
+from moesd_jax.checkpoint import CheckpointError, _crc, _key, write_config, write_params
 from moesd_jax.config import ConfigError, from_dict, to_dict
 from moesd_jax.spec.eagle import EagleConfig, EagleHead
 
@@ -54,21 +54,10 @@ _NORMS = {"midlayer.input_layernorm.weight": ("input_norm", "weight"),
 
 def save_eagle(path: str | Path, head: EagleHead) -> Path:
     """Writes ``head`` in the native layout under ``path`` (replacing one there)."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).unlink(missing_ok=True)  # marks the directory incomplete
-    params = nnx.to_pure_dict(nnx.state(head))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
-    sums = {_key(k): _crc(v) for k, v in traverse_util.flatten_dict(params).items()}
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "eagle": to_dict(head.cfg),
-            "checksums": {k: v for k, v in sums.items() if v is not None}}
-    tmp = path / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path / CONFIG_NAME)
+    sums = write_params(path, head, CONFIG_NAME)
+    write_config(path / CONFIG_NAME, {"format": FORMAT, "version": FORMAT_VERSION,
+                                      "eagle": to_dict(head.cfg)}, sums)
     return path
 
 
