@@ -129,6 +129,17 @@ def test_slots_not_divisible_by_the_mesh_are_padded(models):
     assert eng.state.done_B.sharding.spec == eng.plan.spec(("batch",))
 
 
+def run_three(eng, prompts):
+    """Starts ``eng``, runs the first three prompts to REF_MAX tokens, shuts it down;
+    returns (handles, final events)."""
+    eng.start(precompile=False)
+    try:
+        hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
+        return hs, [h.result(timeout=300) for h in hs]
+    finally:
+        eng.shutdown(drain=False)
+
+
 @pytest.mark.parametrize("costs,tests", [((1.0, 1.3, 1.6), True), ((1.0, 2.2, 3.3), False)],
                          ids=["pays", "loses"])
 def test_engine_k_auto_matches_reference(models, prompts, reference, costs, tests,
@@ -150,12 +161,7 @@ def test_engine_k_auto_matches_reference(models, prompts, reference, costs, test
         c = eng.state.controller  # the batch clock starts from the costs, not zeros
         np.testing.assert_allclose(np.asarray(c.cost_K), costs)
         assert int(c.set_len) == spec.auto_set_iters and int(c.test_k) == 2
-    eng.start(precompile=False)
-    try:
-        hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
-        outs = [h.result(timeout=300) for h in hs]
-    finally:
-        eng.shutdown(drain=False)
+    _, outs = run_three(eng, prompts)
     for i, ev in enumerate(outs):
         assert ev.all_token_ids == reference[i]
         assert bool(ev.stats["utility"]) == tests, ev.stats["utility"]
@@ -174,12 +180,7 @@ def test_engine_routing_traces_match_generate(models, prompts, reference, tmp_pa
                              target.cfg.moe.top_k)
     eng = Engine(target, draft, SPEC, slots=2, max_len=MAX_LEN, prefill_buckets=BUCKETS[:1],
                  routing_trace_steps=64, trace_sink=sink)
-    eng.start(precompile=False)
-    try:
-        hs = [eng.submit(prompts[i], SamplingParams(max_tokens=REF_MAX)) for i in range(3)]
-        outs = [h.result(timeout=300) for h in hs]
-    finally:
-        eng.shutdown(drain=False)
+    hs, outs = run_three(eng, prompts)
     assert [ev.all_token_ids for ev in outs] == reference[:3]
     dec = SpecDecoder(target, draft, SPEC, max_len=MAX_LEN)
     want, _ = routing.record_traces(dec, prompts[:3], REF_MAX)
