@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     sp.add_argument("--model", default=None, help="target (default: bundled)")
     sp.add_argument("--draft", default=None, help="draft (default: bundled)")
     sp.add_argument("--eagle", default=None,
-                    help="EAGLE-3 head directory for the eagle:K / eagle-tree:NAME configs")
+                    help="EAGLE-3 head directory for the eagle:K / eagle-tree:NAME configs "
+                    "(default with the bundled target: the bundled head)")
     sp.add_argument("--configs", nargs="+", default=["chain:4", "tree:tree-15"],
                     help="none, chain:K, ngram:K, tree:NAME, ngram-tree:NAME, eagle:K, "
                     "eagle-tree:NAME")
@@ -538,6 +539,11 @@ def spec_cmd(args, benchmarks) -> int:
         texts = heldout_prompts(tok, n=args.prompts, prompt_tokens=args.prompt_tokens)
         prompts = [tok.encode(t) for t in texts]
         head = None
+        if (not args.eagle and not args.model
+                and any(c.startswith("eagle") for c in args.configs)):
+            from moesd_jax.checkpoint import bundled_model_dir
+
+            args.eagle = str(bundled_model_dir("eagle"))  # the bundled target's head
         if args.eagle:
             from moesd_jax.runtime import head_as_target
             from moesd_jax.spec.eagle_io import load_eagle
