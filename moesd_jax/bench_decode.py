@@ -26,7 +26,7 @@ from flax import nnx
 from moesd_jax.analysis.cost_model import expected_unique_experts, read_bandwidth
 from moesd_jax.config import ModelConfig, MoEConfig, SpecConfig
 from moesd_jax.kv_cache import KVCache
-from moesd_jax.models.transformer import Transformer, apply
+from moesd_jax.models.transformer import Transformer, apply, param_bytes
 from moesd_jax.runtime import cpu_decode_layout
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -66,7 +66,7 @@ def _weight_bytes(model: Transformer, routing_BTLK: np.ndarray | None) -> tuple[
     Every non-expert weight is read once per step except the embedding table (one row
     per token, negligible); each MoE layer reads its unique routed experts.
     """
-    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total = param_bytes(model)
     cfg = model.cfg
     emb = cfg.vocab_size * cfg.d_model * 4
     if cfg.moe is None:

@@ -145,12 +145,6 @@ def spec_sweep(target, draft, prompts: list[list[int]], configs: list[str], max_
     return rows
 
 
-def _params(model) -> list:
-    from flax import nnx
-
-    return jax.tree.leaves(nnx.state(model, nnx.Param))
-
-
 def spec_plan(config: str) -> tuple[int, int, str | None]:
     """``(verified tokens T, draft forwards per iteration, drafter)`` of one
     :func:`spec_sweep` config; drafter ``"draft"``, ``"eagle"`` or None (AR, prompt
@@ -191,6 +185,7 @@ def traffic_bounds(target, draft, prompts: list[list[int]], rows: list[dict],
     from moesd_jax.analysis import cost_model as cm
     from moesd_jax.analysis import routing
     from moesd_jax.config import SpecConfig
+    from moesd_jax.models.transformer import param_bytes, resident_dtype
     from moesd_jax.spec.decoder import SpecDecoder
 
     cfg = target.cfg
@@ -207,25 +202,25 @@ def traffic_bounds(target, draft, prompts: list[list[int]], rows: list[dict],
     if missing:
         raise ValueError(f"--max-new-tokens={max_new} is too short for windows of {missing} "
                          "tokens")
-    wdt = str(_params(target)[0].dtype)
     hw = cm.preset("h100")  # bytes only: they do not depend on the hardware
     ctx = max(len(p) for p in prompts) + max_new // 2
 
     def mb(t):
         return cm.step_cost(cfg, hw, 1, t, context=ctx, unique_experts=uniq[t],
-                            weight_dtype=wdt).bytes / 1e6
+                            weight_dtype=resident_dtype(target)).bytes / 1e6
 
-    draft_mb = {None: 0.0,
-                "draft": (cm.step_cost(draft.cfg, hw, 1, 1, context=ctx, weight_dtype=wdt)
-                          .bytes / 1e6 if draft is not None else 0.0),
-                "eagle": (sum(x.nbytes for x in _params(eagle)) / 1e6
-                          if eagle is not None else 0.0)}
+    draft_mb = {}
+    if draft is not None:
+        draft_mb["draft"] = cm.step_cost(draft.cfg, hw, 1, 1, context=ctx,
+                                         weight_dtype=resident_dtype(draft)).bytes / 1e6
+    if eagle is not None:  # its own weights; the embedding row it reads is the target's
+        draft_mb["eagle"] = param_bytes(eagle) / 1e6
     ar = mb(1)
     out = {"unique_experts": {int(t): float(uniq[t]) for t in ts}, "ar_mb": ar,
-           "draft_mb": {k: v for k, v in draft_mb.items() if k}, "configs": {}}
+           "draft_mb": draft_mb, "configs": {}}
     for r in rows:
         t, d, who = plans[r["config"]]
-        it = mb(t) + d * draft_mb[who]
+        it = mb(t) + (d * draft_mb[who] if who else 0.0)
         out["configs"][r["config"]] = {"iteration_mb": it,
                                        "bound": r["mean_acceptance_length"] * ar / it}
     bw = cm.read_bandwidth(bandwidth_bytes)["peak"] / 1e9

@@ -140,11 +140,9 @@ def head_as_target(head, target):
     """An EAGLE head with its weights in the dtype the target's are resident in: once, at
     load (CPU decoding holds the target in float32; a bfloat16 head would be converted
     to float32 on every draft step, a pass over all its weights)."""
-    import jax
-    from flax import nnx
+    from moesd_jax.models.transformer import resident_dtype
 
-    leaves = jax.tree.leaves(nnx.state(target, nnx.Param))
-    want = str(leaves[0].dtype) if leaves else head.cfg.param_dtype
+    want = resident_dtype(target) or head.cfg.param_dtype
     if want != "float32" or head.cfg.param_dtype == want:
         return head
     from moesd_jax.spec.eagle_io import cast_eagle

@@ -187,3 +187,15 @@ def apply(graphdef, state, *args, **kwargs):
 
 def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_bytes(model: nnx.Module) -> int:
+    """Bytes of ``model``'s parameters as they are resident now."""
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def resident_dtype(model: nnx.Module) -> str | None:
+    """The dtype ``model``'s parameters are resident in (its first parameter's; the
+    loaders cast all of them together), None for a module without parameters."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return str(leaves[0].dtype) if leaves else None
